@@ -1,0 +1,3 @@
+"""Workbench for quantizing video diffusion transformers."""
+
+__version__ = "0.1.0"
