@@ -83,24 +83,33 @@ def sample_starts(scenes: list[Scene], generator: torch.Generator, cfg: WorldCon
 
 
 def render(scenes: list[Scene], starts: torch.Tensor, cfg: WorldConfig = WorldConfig(), device: str | torch.device = "cpu") -> torch.Tensor:
-    """Render clips (B, 3, F, H, W) in [0, 1]: each scene's object on a black background."""
+    """Render clips (B, 3, F, H, W) in [0, 1]: each scene's object on a black background (one batched pass)."""
     if starts.shape != (len(scenes), 2):
         raise ValueError(f"starts must have shape ({len(scenes)}, 2), got {tuple(starts.shape)}")
     ss = cfg.supersample
     sub = (torch.arange(ss, device=device, dtype=torch.float32) + 0.5) / ss
     ys = (torch.arange(cfg.height, device=device, dtype=torch.float32)[:, None] + sub[None, :]).reshape(-1)
     xs = (torch.arange(cfg.width, device=device, dtype=torch.float32)[:, None] + sub[None, :]).reshape(-1)
-    clips = torch.zeros(len(scenes), 3, cfg.frames, cfg.height, cfg.width, device=device)
-    starts = starts.to(device)
-    for i, s in enumerate(scenes):
-        centres = trajectory(s, starts[i], cfg)  # (F, 2)
-        v = (ys[None, :, None] - centres[:, 0, None, None]) / cfg.radius  # (F, H*ss, 1)
-        u = (xs[None, None, :] - centres[:, 1, None, None]) / cfg.radius  # (F, 1, W*ss)
-        cov = shape_coverage(s.shape, u.expand(-1, v.shape[1], -1), v.expand(-1, -1, u.shape[2]))
-        alpha = cov.reshape(cfg.frames, cfg.height, ss, cfg.width, ss).mean(dim=(2, 4))  # (F, H, W)
-        color = torch.tensor(COLORS[s.color], device=device)
-        clips[i] = color[:, None, None, None] * alpha[None]
-    return clips
+    step = torch.tensor(
+        [[DIRECTIONS[s.direction][0] * SPEEDS[s.speed], DIRECTIONS[s.direction][1] * SPEEDS[s.speed]] for s in scenes],
+        dtype=torch.float32,
+        device=device,
+    )  # (B, 2)
+    f = torch.arange(cfg.frames, dtype=torch.float32, device=device)
+    centres = starts.to(device).float()[:, None, :] + f[None, :, None] * step[:, None, :]  # (B, F, 2)
+    v = (ys[None, None, :, None] - centres[..., 0, None, None]) / cfg.radius  # (B, F, H*ss, 1)
+    u = (xs[None, None, None, :] - centres[..., 1, None, None]) / cfg.radius  # (B, F, 1, W*ss)
+    u, v = torch.broadcast_tensors(u, v)
+    shape_idx = torch.tensor([SHAPES.index(s.shape) for s in scenes], device=device)
+    cov = torch.zeros_like(u)
+    for k, name in enumerate(SHAPES):
+        sel = shape_idx == k
+        if sel.any():
+            cov[sel] = shape_coverage(name, u[sel], v[sel])
+    b = len(scenes)
+    alpha = cov.reshape(b, cfg.frames, cfg.height, ss, cfg.width, ss).mean(dim=(3, 5))  # (B, F, H, W)
+    color = torch.tensor([COLORS[s.color] for s in scenes], device=device)  # (B, 3)
+    return color[:, :, None, None, None] * alpha[:, None]
 
 
 def render_prompt(prompt: str, seed: int = 0, cfg: WorldConfig = WorldConfig()) -> torch.Tensor:
