@@ -3,7 +3,7 @@
     python -m workbench.models.train --steps 6000 --batch 256 --seed 0 --device cuda --out runs/tiny-world
 
 Reproducible from `--seed` (data, init and noise all come from seeded generators). `--minutes`
-caps the run: after 50 timed steps the step count is fixed to fit it and logged, so the logged
+caps the run: after 120 steps (100 timed) the step count is fixed to fit it and logged, so the logged
 `--steps` reproduces the run. Writes the bundled layout plus `train_log.json` (loss curve, timings,
 held-out oracle accuracy when the metrics package is present).
 """
@@ -22,9 +22,8 @@ import torch.nn.functional as F
 from workbench.models.bundled import TinyWorldModel
 from workbench.models.text_encoder import TextEncoder, tokenize
 from workbench.models.tiny_dit import SCHEDULER_CONFIG, build_transformer
-from workbench.world.dataset import random_batch
 from workbench.world.grammar import heldout_scenes, training_scenes
-from workbench.world.render import WorldConfig
+from workbench.world.render import WorldConfig, render, sample_starts
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,7 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=6000)
     p.add_argument("--minutes", type=float, default=None, help="cap the wall time; fixes --steps after 50 steps")
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--per-scene", type=int, default=384, help="pre-rendered start positions per training scene")
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--cond-dropout", type=float, default=0.1)
@@ -62,7 +62,7 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
 def evaluate(model: TinyWorldModel, steps: int, seeds_per_prompt: int) -> dict:
     """Held-out and seen-scene oracle accuracy of a model (needs workbench.metrics)."""
     try:
-        from workbench.metrics import oracle_scores
+        from workbench.metrics.oracle import oracle_scores
     except ImportError:
         return {"note": "workbench.metrics not available; no oracle evaluation"}
     out = {}
@@ -91,13 +91,21 @@ def main(argv=None) -> dict:
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01, betas=(0.9, 0.99))
     ema_t, ema_e = copy.deepcopy(transformer).eval(), copy.deepcopy(text_encoder).eval()
     g = torch.Generator().manual_seed(a.seed)
-    token_cache: dict[str, torch.Tensor] = {}
-
-    def ids_for(prompts: list[str]) -> torch.Tensor:
-        for p in prompts:
-            if p not in token_cache:
-                token_cache[p] = tokenize([p])[0]
-        return torch.stack([token_cache[p] for p in prompts]).to(dev)
+    gd = torch.Generator(device=dev).manual_seed(a.seed)
+    scenes = training_scenes()
+    # Pre-render the training set once (uint8 on the device): the step loop then only indexes it.
+    t_data = time.time()
+    clips, labels = [], []
+    for i in range(0, len(scenes) * a.per_scene, 2048):
+        idx = [j % len(scenes) for j in range(i, min(i + 2048, len(scenes) * a.per_scene))]
+        chunk = [scenes[j] for j in idx]
+        starts = sample_starts(chunk, g, world)
+        clips.append((render(chunk, starts, world, device=dev) * 255).round().to(torch.uint8))
+        labels.append(torch.tensor(idx))
+    data, labels = torch.cat(clips), torch.cat(labels).to(dev)
+    scene_ids = tokenize([s.prompt for s in scenes]).to(dev)
+    null_ids = tokenize([""]).to(dev)
+    print(f"rendered {len(data)} clips in {time.time() - t_data:.1f}s", flush=True)
 
     total = a.steps
     log = {"args": vars(a), "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
@@ -107,17 +115,18 @@ def main(argv=None) -> dict:
     running = 0.0
     step = 0
     while step < total:
-        batch = random_batch(a.batch, g, cfg=world, device=dev)
-        x0 = batch.videos * 2 - 1
-        prompts = ["" if float(torch.rand(1, generator=g)) < a.cond_dropout else p for p in batch.prompts]
-        noise = torch.randn(x0.shape, generator=g).to(dev)
+        pick = torch.randint(len(data), (a.batch,), generator=gd, device=dev)
+        x0 = data[pick].float() / 127.5 - 1
+        drop = torch.rand(a.batch, generator=gd, device=dev) < a.cond_dropout
+        ids = torch.where(drop[:, None], null_ids, scene_ids[labels[pick]])
+        noise = torch.randn(x0.shape, generator=gd, device=dev)
         sig = sample_sigmas(a.batch, g).to(dev)
         xt = (1 - sig)[:, None, None, None, None] * x0 + sig[:, None, None, None, None] * noise
         target = noise - x0
         for gr in opt.param_groups:
             gr["lr"] = lr_at(step, total, a.warmup, a.lr)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            emb = text_encoder(ids_for(prompts))
+            emb = text_encoder(ids)
             pred = transformer(xt, sig * 1000, emb, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), target)
         opt.zero_grad(set_to_none=True)
@@ -129,15 +138,18 @@ def main(argv=None) -> dict:
             for m, e in ((transformer, ema_t), (text_encoder, ema_e)):
                 for pe, pm in zip(e.parameters(), m.parameters()):
                     pe.lerp_(pm, 1 - d)
-        running += float(loss)
+        running += loss.detach()
         step += 1
-        if step == 50 and a.minutes is not None:
-            per = (time.time() - t0) / 50
-            total = min(total, int(a.minutes * 60 / per))
+        if step == 20:
+            t20 = time.time()
+        if step == 120 and a.minutes is not None:
+            per = (time.time() - t20) / 100
+            total = min(total, int((a.minutes * 60 - (time.time() - t0)) / per) + step)
             log["steps_fixed_by_time_cap"] = total
             print(f"{per * 1000:.1f} ms/step -> {total} steps fit {a.minutes} min", flush=True)
         if step % 100 == 0 or step == total:
             n = 100 if step % 100 == 0 else step % 100
+            running = float(running)
             log["loss"].append([step, running / n])
             print(f"step {step}/{total} loss {running / n:.4f} lr {opt.param_groups[0]['lr']:.2e} "
                   f"{time.time() - t0:.0f}s", flush=True)
