@@ -40,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--eval-steps", type=int, default=16)
     p.add_argument("--eval-seeds", type=int, default=4)
+    p.add_argument("--init", default=None, help="start from the weights of a bundled-layout directory (resume/fine-tune)")
     p.add_argument("--out", required=True)
     return p.parse_args(argv)
 
@@ -87,6 +88,12 @@ def main(argv=None) -> dict:
     world = WorldConfig()
     transformer = build_transformer().to(dev)
     text_encoder = TextEncoder().to(dev)
+    if a.init:
+        from workbench.models.bundled import load_from_dir
+
+        start = load_from_dir(a.init)
+        transformer.load_state_dict(start.transformer.state_dict())
+        text_encoder.load_state_dict(start.text_encoder.state_dict())
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01, betas=(0.9, 0.99))
     ema_t, ema_e = copy.deepcopy(transformer).eval(), copy.deepcopy(text_encoder).eval()
