@@ -1,0 +1,180 @@
+"""QuantAttention math against SDPA, statistics capture, and the processor wrapper's plumbing."""
+
+import copy
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from workbench.quant import (
+    AttentionSpec,
+    QuantAttention,
+    QuantAttnProcessor,
+    QuantSpec,
+    capturing_attention,
+    observing,
+    patch_attention_function,
+    quant_disabled,
+    unpatch_attention_functions,
+    wrap_attention,
+)
+
+
+def _qkv(b=2, h=3, sq=7, sk=9, d=8, hk=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, sq, d, generator=g)
+    k = torch.randn(b, hk or h, sk, d, generator=g)
+    v = torch.randn(b, hk or h, sk, d, generator=g)
+    return q, k, v
+
+
+def _explicit(spec=None):
+    qa = QuantAttention(spec or AttentionSpec.capture_only())
+    qa.explicit = True
+    return qa
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive", "causal", "gqa", "scale", "chunked"])
+def test_explicit_math_matches_sdpa(mask_kind):
+    q, k, v = _qkv(hk=1 if mask_kind == "gqa" else None, sq=9 if mask_kind == "causal" else 7)
+    kwargs = {}
+    if mask_kind == "bool":
+        mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+        mask[1, ..., 5:] = False
+        kwargs["attn_mask"] = mask
+    elif mask_kind == "additive":
+        kwargs["attn_mask"] = torch.randn(2, 3, 7, 9)
+    elif mask_kind == "causal":
+        kwargs["is_causal"] = True
+    elif mask_kind == "gqa":
+        kwargs["enable_gqa"] = True
+    elif mask_kind == "scale":
+        kwargs["scale"] = 0.3
+    qa = _explicit()
+    if mask_kind == "chunked":
+        qa.chunk_elements = 2 * 3 * 9 * 2  # two query rows per chunk
+        kwargs["attn_mask"] = torch.randn(2, 3, 7, 9)
+    torch.testing.assert_close(qa(q, k, v, **kwargs), F.scaled_dot_product_attention(q, k, v, **kwargs), atol=1e-5, rtol=1e-5)
+
+
+def test_quantized_attention_is_close_and_error_shrinks():
+    q, k, v = _qkv(sq=32, sk=32, d=16)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    errs = []
+    for bits in (8, 6, 4):
+        out = QuantAttention(AttentionSpec.uniform(bits))(q, k, v)
+        errs.append(((out - ref).norm() / ref.norm()).item())
+    assert errs[0] < 0.03 and errs[0] < errs[1] < errs[2]
+
+
+def test_p_quantizer_is_unsigned_0_to_1():
+    qa = QuantAttention(AttentionSpec())
+    assert qa.p_quantizer.spec.format.symmetric is False
+    torch.testing.assert_close(qa.p_quantizer.scale, torch.tensor(1 / 255))
+
+
+def test_static_qkv_observe_then_quantize():
+    spec = QuantSpec("int8", "tensor")
+    qa = QuantAttention(AttentionSpec(q=spec, k=spec, v=spec))
+    q, k, v = _qkv()
+    with observing(qa):
+        qa(q, k, v)
+    for quant in (qa.q_quantizer, qa.k_quantizer, qa.v_quantizer):
+        quant.calibrate()
+    torch.testing.assert_close(qa.q_quantizer.scale, q.abs().max() / 127)
+    out, ref = qa(q, k, v), F.scaled_dot_product_attention(q, k, v)
+    assert ((out - ref).norm() / ref.norm()) < 0.02
+
+
+def test_capture_column_means():
+    qa = QuantAttention(AttentionSpec.capture_only())
+    qa.capture = True
+    q, k, v = _qkv()
+    qa.chunk_elements = 2 * 3 * 9 * 3
+    qa(q, k, v)
+    (cap,) = qa.captured
+    p = (q @ k.transpose(-2, -1) / 8**0.5).softmax(-1)
+    torch.testing.assert_close(cap, p.mean(-2), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(cap.sum(-1), torch.ones(2, 3))
+
+
+def _tiny_attention():
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    return Attention(query_dim=16, heads=2, dim_head=8).eval()
+
+
+def test_processor_wrapper_plumbing():
+    attn = _tiny_attention()
+    x = torch.randn(2, 5, 16)
+    ref = attn(x)
+    inner = attn.processor
+    qa = wrap_attention(attn, AttentionSpec.uniform(8))
+    proc = attn.processor
+    assert isinstance(proc, QuantAttnProcessor) and proc.inner is inner and attn.quant_attention is qa
+    # diffusers filters kwargs by the processor's signature: the wrapper shows the inner one
+    assert inspect.signature(proc.__call__) == inspect.signature(inner.__call__)
+    # attributes diffusers sets on processors land on the inner processor
+    proc._attention_backend = "native"
+    assert inner._attention_backend == "native" and proc._attention_backend == "native"
+    with quant_disabled(attn):
+        torch.testing.assert_close(attn(x), ref, rtol=0, atol=0)
+    out = attn(x)
+    assert 0 < ((out - ref).norm() / ref.norm()) < 0.05
+    # a deep copy gets its own QuantAttention, still wired to its processor
+    twin = copy.deepcopy(attn)
+    assert twin.processor.quant is twin.quant_attention and twin.quant_attention is not qa
+    torch.testing.assert_close(twin(x), out)
+    with capturing_attention(twin) as cap:
+        twin(x)
+    assert list(cap) == [""] and cap[""][0].shape == (2, 2, 5)
+
+
+def test_pickle_round_trip_repatches():
+    import io
+
+    attn = _tiny_attention()
+    wrap_attention(attn, AttentionSpec.uniform(4))
+    x = torch.randn(1, 3, 16)
+    out = attn(x)
+    buffer = io.BytesIO()
+    torch.save(attn, buffer)
+    unpatch_attention_functions()  # as in a fresh process
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(loaded(x), out)
+    with quant_disabled(loaded):
+        assert not torch.equal(loaded(x), out)
+
+
+def test_unpatch_restores_original_functions():
+    import diffusers.models.attention_processor as ap
+
+    attn = _tiny_attention()
+    wrap_attention(attn, AttentionSpec.uniform(4))
+    assert getattr(ap.F, "_quant_proxy", False)
+    unpatch_attention_functions()
+    try:
+        assert ap.F is torch.nn.functional
+        x = torch.randn(1, 3, 16)
+        with quant_disabled(attn):
+            ref = attn(x)
+        torch.testing.assert_close(attn(x), ref)  # nothing routes to the quantized math any more
+    finally:
+        patch_attention_function(attn.processor.inner)
+    assert getattr(ap.F, "_quant_proxy", False)
+    x = torch.randn(1, 3, 16)
+    with quant_disabled(attn):
+        ref = attn(x)
+    assert not torch.equal(attn(x), ref)  # routed through the 4-bit math again
+
+
+def test_unsupported_processor_is_refused():
+    class Odd:
+        def __call__(self, attn, hidden_states):
+            return hidden_states
+
+    with pytest.raises(ValueError, match="cannot be quantized"):
+        QuantAttnProcessor(Odd(), QuantAttention(AttentionSpec()))

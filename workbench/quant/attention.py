@@ -1,0 +1,349 @@
+"""Quantized attention for diffusers models: the Q K^T and P V matmuls on fake-quantized operands.
+
+How it hooks in (each model keeps its own processor, with its rope, norms and masks):
+- `wrap_attention(attn, spec)` adds a `QuantAttention` child (`attn.quant_attention`) and replaces
+  `attn.processor` by `QuantAttnProcessor(inner, quant)`, which calls the inner processor unchanged
+  while a context variable names the active `QuantAttention`.
+- The attention function the inner processor's module calls is patched once, in that module only:
+  `dispatch_attention_fn` (Wan, HunyuanVideo, LTX; (B, S, H, D) layout) or `F` whose
+  `scaled_dot_product_attention` is replaced (CogVideoX, Latte, Mochi, HunyuanVideo's token refiner
+  via diffusers.models.attention_processor; (B, H, S, D) layout). The patched function computes
+  attention explicitly through the active `QuantAttention` when one is set and active, and otherwise
+  calls the original, so everything else runs exactly as before.
+`QuantAttention` can also record, per call, the attention each key token receives (the column mean of
+P per head), which S2Q-VDiT uses to weight tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import types
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizer import QuantSpec, Quantizer
+
+ATTENTION_PARTS = ("q", "k", "v", "p")
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Quantizers of Q and K (the Q K^T matmul) and of P and V (the P V matmul); None = full precision.
+
+    Defaults are kernel friendly: Q, K per-token dynamic (scales factor out of the D reduction), V per
+    tensor dynamic, P (softmax probabilities in [0, 1]) unsigned with the fixed range 0..1.
+    """
+
+    q: QuantSpec | None = QuantSpec("int8", "token", dynamic=True)
+    k: QuantSpec | None = QuantSpec("int8", "token", dynamic=True)
+    v: QuantSpec | None = QuantSpec("int8", "tensor", dynamic=True)
+    p: QuantSpec | None = QuantSpec("uint8", "tensor", fixed_range=(0.0, 1.0))
+
+    @classmethod
+    def uniform(cls, bits: int = 8, p_bits: int | None = None) -> AttentionSpec:
+        """Default layout with `bits` for Q, K, V and `p_bits` (default: bits) for P."""
+        d = cls()
+        p_bits = bits if p_bits is None else p_bits
+        return cls(
+            q=d.q.with_(format=f"int{bits}"),
+            k=d.k.with_(format=f"int{bits}"),
+            v=d.v.with_(format=f"int{bits}"),
+            p=d.p.with_(format=f"uint{p_bits}"),
+        )
+
+    @classmethod
+    def capture_only(cls) -> AttentionSpec:
+        """No quantization: wrap attention only to record attention statistics."""
+        return cls(q=None, k=None, v=None, p=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to_dict() for f in fields(self)}
+
+
+class QuantAttention(nn.Module):
+    """softmax(fq(Q) fq(K)^T * scale + mask) -> fq(P) fq(V), in (B, H, S, D) layout like F.sdpa.
+
+    Queries are processed in chunks so the (B, H, Sq, Sk) score matrix stays below `chunk_elements`.
+    capture: append, per call, the column mean of P over queries, shape (B, H, Sk), to `captured`.
+    explicit: compute explicitly even when every quantizer is off (checks the math against SDPA).
+    """
+
+    def __init__(self, spec: AttentionSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.q_quantizer = None if spec.q is None else Quantizer(spec.q)
+        self.k_quantizer = None if spec.k is None else Quantizer(spec.k)
+        self.v_quantizer = None if spec.v is None else Quantizer(spec.v)
+        self.p_quantizer = None if spec.p is None else Quantizer(spec.p)
+        self.capture = False
+        self.captured: list[torch.Tensor] = []
+        self.explicit = False
+        self.chunk_elements = 2**26
+
+    def quantizers(self) -> dict[str, Quantizer]:
+        return {n: q for n in ATTENTION_PARTS if (q := getattr(self, f"{n}_quantizer")) is not None}
+
+    @property
+    def active(self) -> bool:
+        """Whether attention must be computed here (else the original attention function runs)."""
+        return self.capture or self.explicit or any(q.mode != "off" for q in self.quantizers().values())
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+    ) -> torch.Tensor:
+        if enable_gqa and key.shape[-3] != query.shape[-3]:
+            repeat = query.shape[-3] // key.shape[-3]
+            key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
+        q = query if self.q_quantizer is None else self.q_quantizer(query)
+        k = key if self.k_quantizer is None else self.k_quantizer(key)
+        v = value if self.v_quantizer is None else self.v_quantizer(value)
+        scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+        s_q, s_k = query.shape[-2], key.shape[-2]
+        if is_causal:
+            causal = torch.ones(s_q, s_k, dtype=torch.bool, device=query.device).tril()
+            attn_mask = causal if attn_mask is None else _merge_masks(attn_mask, causal)
+        rows = max(1, self.chunk_elements // max(1, query[..., 0, 0].numel() * s_k))
+        k_t = k.transpose(-2, -1)
+        outs, col_sum = [], None
+        for start in range(0, s_q, rows):
+            stop = min(start + rows, s_q)
+            scores = (q[..., start:stop, :] @ k_t).float() * scale
+            if attn_mask is not None:
+                mask = attn_mask if attn_mask.dim() < 2 or attn_mask.shape[-2] == 1 else attn_mask[..., start:stop, :]
+                scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+            p = scores.softmax(-1)
+            if dropout_p > 0.0:
+                p = F.dropout(p, dropout_p)
+            if self.capture:
+                part = p.detach().sum(-2)
+                col_sum = part if col_sum is None else col_sum + part
+            p = p.to(v.dtype)
+            if self.p_quantizer is not None:
+                p = self.p_quantizer(p)
+            outs.append(p @ v)
+        if self.capture and col_sum is not None:
+            self.captured.append(col_sum / s_q)
+        return torch.cat(outs, dim=-2)
+
+    def extra_repr(self) -> str:
+        return f"capture={self.capture}" if self.capture else ""
+
+
+def _merge_masks(mask: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return mask & causal
+    return mask.masked_fill(~causal, float("-inf"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# routing diffusers' attention calls
+
+_ACTIVE: ContextVar[QuantAttention | None] = ContextVar("workbench_active_quant_attention", default=None)
+_PATCHES: list[tuple[dict, str, Any]] = []  # (module globals, name, original) for unpatching
+
+
+def _sdpa_arguments(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> dict[str, Any]:
+    return dict(
+        query=query, key=key, value=value, attn_mask=attn_mask, dropout_p=dropout_p,
+        is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+    )
+
+
+def _quant_sdpa(original: Callable) -> Callable:
+    """F.scaled_dot_product_attention that defers to the active QuantAttention ((B, H, S, D) layout)."""
+
+    def scaled_dot_product_attention(*args: Any, **kwargs: Any) -> torch.Tensor:
+        qa = _ACTIVE.get()
+        if qa is None or not qa.active:
+            return original(*args, **kwargs)
+        return qa(**_sdpa_arguments(*args, **kwargs))
+
+    scaled_dot_product_attention._quant_original = original  # type: ignore[attr-defined]
+    return scaled_dot_product_attention
+
+
+def _quant_dispatch(original: Callable) -> Callable:
+    """diffusers' dispatch_attention_fn that defers to the active QuantAttention ((B, S, H, D) layout)."""
+    signature = inspect.signature(original)
+
+    def dispatch_attention_fn(*args: Any, **kwargs: Any) -> torch.Tensor:
+        qa = _ACTIVE.get()
+        if qa is None or not qa.active:
+            return original(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        if a.get("parallel_config") is not None:
+            raise NotImplementedError("quantized attention does not support context parallelism")
+        query, key, value, mask = a["query"], a["key"], a["value"], a["attn_mask"]
+        if mask is not None and mask.dim() == 2 and mask.shape == (query.shape[0], key.shape[1]):
+            mask = mask[:, None, None, :]  # (B, Sk) -> (B, 1, 1, Sk), as diffusers' native backend does
+        out = qa(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask,
+            a["dropout_p"], a["is_causal"], a["scale"], a["enable_gqa"],
+        )
+        return out.transpose(1, 2)
+
+    dispatch_attention_fn._quant_original = original  # type: ignore[attr-defined]
+    return dispatch_attention_fn
+
+
+def _functional_with(sdpa: Callable) -> types.ModuleType:
+    """A stand-in for torch.nn.functional: everything forwards to it except scaled_dot_product_attention."""
+    proxy = types.ModuleType("torch.nn.functional")
+    proxy.scaled_dot_product_attention = sdpa  # type: ignore[attr-defined]
+    proxy.__getattr__ = lambda name: getattr(F, name)  # type: ignore[method-assign]
+    proxy._quant_proxy = True  # type: ignore[attr-defined]
+    return proxy
+
+
+def patch_attention_function(processor: Any) -> None:
+    """Route the attention call of `processor`'s class through the active QuantAttention (once per module)."""
+    call = inspect.unwrap(type(processor).__call__)
+    code, module_globals = call.__code__, call.__globals__
+    if "dispatch_attention_fn" in code.co_names:
+        current = module_globals["dispatch_attention_fn"]
+        if not hasattr(current, "_quant_original"):
+            module_globals["dispatch_attention_fn"] = _quant_dispatch(current)
+            _PATCHES.append((module_globals, "dispatch_attention_fn", current))
+    elif "scaled_dot_product_attention" in code.co_names and "F" in code.co_names:
+        current = module_globals["F"]
+        if not getattr(current, "_quant_proxy", False):
+            module_globals["F"] = _functional_with(_quant_sdpa(current.scaled_dot_product_attention))
+            _PATCHES.append((module_globals, "F", current))
+    else:
+        raise ValueError(
+            f"{type(processor).__name__} calls neither dispatch_attention_fn nor F.scaled_dot_product_attention; "
+            "its attention cannot be quantized"
+        )
+
+
+def unpatch_attention_functions() -> None:
+    """Restore every patched attention function (wrapped processors then run in full precision)."""
+    while _PATCHES:
+        module_globals, name, original = _PATCHES.pop()
+        module_globals[name] = original
+
+
+class QuantAttnProcessor:
+    """Runs a diffusers attention processor unchanged while `quant` is the active QuantAttention.
+
+    Attribute reads and writes it does not own go to the inner processor (diffusers sets
+    `_attention_backend` and `_parallel_config` on processors).
+    """
+
+    def __init__(self, inner: Any, quant: QuantAttention) -> None:
+        object.__setattr__(self, "inner", inner)
+        object.__setattr__(self, "quant", quant)
+        patch_attention_function(inner)
+
+    @property
+    def __call__(self) -> Callable:
+        # diffusers filters the kwargs it passes by inspect.signature(processor.__call__): expose the inner one.
+        def call(attn: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            token = _ACTIVE.set(self.quant)
+            try:
+                return self.inner(attn, hidden_states, *args, **kwargs)
+            finally:
+                _ACTIVE.reset(token)
+
+        call.__signature__ = inspect.signature(self.inner.__call__)  # type: ignore[attr-defined]
+        return call
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("inner", "quant"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("inner", "quant"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.inner, name, value)
+
+    def __setstate__(self, state: dict) -> None:
+        # unpickled in a fresh process: the attention function patch must be in place again
+        self.__dict__.update(state)
+        patch_attention_function(self.inner)
+
+    def __repr__(self) -> str:
+        return f"QuantAttnProcessor({type(self.inner).__name__})"
+
+
+def is_attention_module(module: nn.Module) -> bool:
+    """A diffusers attention module: it delegates to a callable `processor`."""
+    return not isinstance(module, QuantAttention) and callable(getattr(module, "processor", None))
+
+
+def _set_processor(module: nn.Module, processor: Any) -> None:
+    if hasattr(module, "set_processor"):
+        module.set_processor(processor)
+    else:
+        module.processor = processor
+
+
+def wrap_attention(module: nn.Module, spec: AttentionSpec) -> QuantAttention:
+    """Quantize `module`'s attention matmuls per `spec` (re-wrapping replaces the previous spec)."""
+    processor = module.processor
+    if isinstance(processor, QuantAttnProcessor):
+        processor = processor.inner
+    quant = QuantAttention(spec)
+    device = next((t.device for t in module.parameters()), None)
+    if device is not None:
+        quant.to(device)
+    module.quant_attention = quant
+    _set_processor(module, QuantAttnProcessor(processor, quant))
+    return quant
+
+
+def unwrap_attention(module: nn.Module) -> None:
+    """Undo `wrap_attention`: the original processor back, the QuantAttention child removed."""
+    if isinstance(module.processor, QuantAttnProcessor):
+        _set_processor(module, module.processor.inner)
+    if "quant_attention" in module._modules:
+        del module._modules["quant_attention"]
+
+
+@contextmanager
+def capturing_attention(model: nn.Module) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Record, for every wrapped attention module, the column mean of P (B, H, Sk) of each call.
+
+    Yields {attention module name: list of tensors, one per attention call}, filled as the block runs.
+    """
+    quants = {
+        name.removesuffix(".quant_attention").removesuffix("quant_attention"): m
+        for name, m in model.named_modules()
+        if isinstance(m, QuantAttention)
+    }
+    before = {name: m.capture for name, m in quants.items()}
+    for m in quants.values():
+        m.capture, m.captured = True, []
+    try:
+        yield {name: m.captured for name, m in quants.items()}
+    finally:
+        for name, m in quants.items():
+            m.capture = before[name]
