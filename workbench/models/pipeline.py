@@ -13,6 +13,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from tqdm.auto import tqdm
 
+from workbench.models.tiny_dit import with_time_channel
 from workbench.world.render import WorldConfig
 
 
@@ -65,11 +66,13 @@ def sample(
     guided = sampling.guidance != 1.0
     cond = torch.cat([text_embeddings, null_embeddings.expand(b, -1, -1)]) if guided else text_embeddings
     cond = cond.to(device=device, dtype=dtype)
+    in_channels = int(getattr(getattr(transformer, "config", None), "in_channels", x.shape[1]))
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False)):
         if on_step is not None:
             on_step(i, float(t), x)
         inp = torch.cat([x, x]) if guided else x
-        v = transformer(inp.to(dtype), t.expand(inp.shape[0]), cond, return_dict=False)[0].float()
+        inp = with_time_channel(inp, in_channels).to(dtype)
+        v = transformer(inp, t.expand(inp.shape[0]), cond, return_dict=False)[0].float()
         if guided:
             v_c, v_u = v.chunk(2)
             v = v_u + sampling.guidance * (v_c - v_u)

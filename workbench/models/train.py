@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from workbench.models.bundled import TinyWorldModel
 from workbench.models.text_encoder import TextEncoder, tokenize
-from workbench.models.tiny_dit import SCHEDULER_CONFIG, build_transformer
+from workbench.models.tiny_dit import SCHEDULER_CONFIG, build_transformer, with_time_channel
 from workbench.world.grammar import heldout_scenes, training_scenes
 from workbench.world.render import WorldConfig, render, sample_starts
 
@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
         from workbench.models.bundled import load_from_dir
 
         start = load_from_dir(a.init)
-        transformer.load_state_dict(start.transformer.state_dict())
+        transformer = start.transformer.to(dev).train()
         text_encoder.load_state_dict(start.text_encoder.state_dict())
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01, betas=(0.9, 0.99))
@@ -134,7 +134,7 @@ def main(argv=None) -> dict:
             gr["lr"] = lr_at(step, total, a.warmup, a.lr)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             emb = text_encoder(ids)
-            pred = transformer(xt, sig * 1000, emb, return_dict=False)[0]
+            pred = transformer(with_time_channel(xt, transformer.config.in_channels), sig * 1000, emb, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()

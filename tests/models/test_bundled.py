@@ -1,0 +1,80 @@
+import shutil
+import time
+
+import pytest
+import torch
+
+from workbench.models import load_bundled, load_from_dir
+from workbench.models.bundled import WEIGHTS_ROOT
+from workbench.models.text_encoder import VOCAB, tokenize
+from workbench.models.tiny_dit import build_transformer, with_time_channel
+from workbench.world.grammar import PromptError
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_bundled()
+
+
+def test_bundled_weights_are_small_and_real(model):
+    size = sum(p.stat().st_size for p in (WEIGHTS_ROOT / "tiny-world").rglob("*.safetensors"))
+    assert size <= 25 * 2**20
+    n = sum(p.numel() for p in model.transformer.parameters())
+    assert 1e6 < n < 6e6
+    assert type(model.transformer).__name__ == "WanTransformer3DModel"
+
+
+def test_generation_is_seeded_and_batch_independent(model):
+    a = model.generate("a red circle moving left", seed=5, steps=3)
+    b = model.generate_many(["a blue cross moving up", "a red circle moving left"], [9, 5], steps=3)[1]
+    assert a.shape == (3, 8, 32, 32) and 0 <= a.min() and a.max() <= 1
+    assert torch.allclose(a, b, atol=2e-3)  # batch size changes CPU kernel blocking, not the video
+    c = model.generate("a red circle moving left", seed=6, steps=3)
+    assert not torch.allclose(a, c)
+
+
+def test_one_video_fits_the_cpu_budget(model):
+    model.generate("a green square moving down", seed=0, steps=2)  # warm-up
+    t = time.process_time()
+    model.generate("a green square moving down", seed=0)  # default 16 steps, guidance 3
+    # Target: <= 5 s wall on a 2-core CPU. CPU time per thread is what an unloaded machine's wall time
+    # would be, and it does not grow when other jobs share the cores; 1.5x margin for slower CPUs.
+    assert (time.process_time() - t) / torch.get_num_threads() < 7.5
+
+
+def test_bad_inputs_are_clear_errors(model):
+    with pytest.raises(PromptError, match="purple"):
+        model.generate("a purple circle moving left")
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        model.generate_many(["a red circle moving left"], [0, 1])
+    with pytest.raises(ValueError, match="steps"):
+        model.generate("a red circle moving left", steps=0)
+
+
+def test_corrupt_or_missing_weights_are_named(tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(WEIGHTS_ROOT / "tiny-world", d)
+    (d / "text_encoder.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="corrupt"):
+        load_from_dir(d)
+    (d / "world.json").unlink()
+    with pytest.raises(FileNotFoundError, match="world.json"):
+        load_from_dir(d)
+    with pytest.raises(ValueError, match="bundled models"):
+        load_bundled("big-world")
+
+
+def test_tokenizer_canonicalises_wording():
+    a, b = tokenize(["a fast red circle moving left", "red circles going left quickly"])
+    assert torch.equal(a, b)
+    assert tokenize([""])[0, 0] == VOCAB["<null>"]
+
+
+def test_time_channel_breaks_time_reversal():
+    x = torch.zeros(1, 3, 8, 4, 4)
+    y = with_time_channel(x, 4)
+    assert y.shape == (1, 4, 8, 4, 4) and y[0, 3, 0, 0, 0] == -1 and y[0, 3, -1, 0, 0] == 1
+    assert with_time_channel(x, 3) is x
+    with pytest.raises(ValueError, match="input channels"):
+        with_time_channel(x, 6)
+    assert build_transformer(num_layers=1).config.in_channels == 4

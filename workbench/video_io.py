@@ -1,0 +1,49 @@
+"""Write clips as mp4 or gif (and embeddable data URIs for the HTML report)."""
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from workbench.metrics._checks import check_video
+
+
+def to_frames(video: torch.Tensor, scale: int = 4) -> np.ndarray:
+    """(3, F, H, W) in [0, 1] -> uint8 (F, H*scale, W*scale, 3), nearest-neighbour upscaled to be visible."""
+    v = check_video(video.detach().float().cpu())
+    frames = (v.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+    if scale > 1:
+        frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
+    return frames
+
+
+def save_video(video: torch.Tensor, path: str | Path, fps: int = 4, scale: int = 4, overwrite: bool = False) -> Path:
+    """Write a clip to .mp4 or .gif; refuses to overwrite an existing file unless asked."""
+    import imageio.v2 as imageio
+
+    p = Path(path)
+    if p.suffix.lower() not in (".mp4", ".gif"):
+        raise ValueError(f"unsupported video extension {p.suffix!r} for {p}; use .mp4 or .gif")
+    if p.exists() and not overwrite:
+        raise FileExistsError(f"{p} exists; choose another path or pass overwrite (CLI: --force)")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    frames = to_frames(video, scale)
+    if p.suffix.lower() == ".gif":
+        imageio.mimsave(p, list(frames), duration=1000 / fps, loop=0)
+    else:
+        with imageio.get_writer(p, fps=fps, codec="libx264", quality=8, macro_block_size=1) as w:
+            for f in frames:
+                w.append_data(f)
+    return p
+
+
+def gif_data_uri(video: torch.Tensor, fps: int = 4, scale: int = 4) -> str:
+    """A looping GIF of the clip as a data URI, so an HTML page carries its videos inside it."""
+    import imageio.v2 as imageio
+
+    buf = io.BytesIO()
+    imageio.mimsave(buf, list(to_frames(video, scale)), format="GIF", duration=1000 / fps, loop=0)
+    return "data:image/gif;base64," + base64.b64encode(buf.getvalue()).decode()
