@@ -45,6 +45,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def widen_input(transformer, in_channels: int):
+    """A copy of `transformer` taking `in_channels` inputs; the new channels start with zero weights.
+
+    Used to add the frame-index channel to weights trained without it: the widened model computes
+    exactly what the old one did until training teaches it to use the new channel.
+    """
+    old = transformer.config.in_channels
+    if old == in_channels:
+        return transformer
+    if in_channels < old:
+        raise ValueError(f"cannot narrow the input from {old} to {in_channels} channels")
+    cfg = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+    cfg["in_channels"] = in_channels
+    wide = type(transformer)(**cfg)
+    state = transformer.state_dict()
+    w = state["patch_embedding.weight"]  # (out, in, kt, kh, kw)
+    pad = torch.zeros(w.shape[0], in_channels - old, *w.shape[2:], dtype=w.dtype)
+    state["patch_embedding.weight"] = torch.cat([w, pad], dim=1)
+    wide.load_state_dict(state)
+    return wide
+
+
 def sample_sigmas(n: int, g: torch.Generator) -> torch.Tensor:
     """Noise levels: logit-normal (SD3/Wan practice) mixed with 20% uniform to cover the ends."""
     ln = torch.sigmoid(torch.randn(n, generator=g))
@@ -92,7 +114,7 @@ def main(argv=None) -> dict:
         from workbench.models.bundled import load_from_dir
 
         start = load_from_dir(a.init)
-        transformer = start.transformer.to(dev).train()
+        transformer = widen_input(start.transformer, transformer.config.in_channels).to(dev).train()
         text_encoder.load_state_dict(start.text_encoder.state_dict())
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01, betas=(0.9, 0.99))
