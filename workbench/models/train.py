@@ -36,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--cond-dropout", type=float, default=0.1)
+    p.add_argument("--sigma-shift", type=float, default=1.0,
+                   help="flow shift applied to training noise levels (s*sig/(1+(s-1)*sig)); >1 trains more at high noise")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--eval-steps", type=int, default=16)
@@ -150,6 +152,7 @@ def main(argv=None) -> dict:
         ids = torch.where(drop[:, None], null_ids, scene_ids[labels[pick]])
         noise = torch.randn(x0.shape, generator=gd, device=dev)
         sig = sample_sigmas(a.batch, g).to(dev)
+        sig = a.sigma_shift * sig / (1 + (a.sigma_shift - 1) * sig)
         xt = (1 - sig)[:, None, None, None, None] * x0 + sig[:, None, None, None, None] * noise
         target = noise - x0
         for gr in opt.param_groups:

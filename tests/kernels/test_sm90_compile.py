@@ -1,0 +1,115 @@
+"""Ahead-of-time compile the Triton kernels for sm_90 (H100) on the CPU: no GPU needed.
+
+Catches what the interpreter cannot: lowering errors, inline PTX (tanh.approx, ex2.f16x2) rejected by
+ptxas, register spills, shared memory above the 227 KB limit, and falling off the wgmma/TMA path.
+"""
+
+import importlib
+import os
+import re
+import subprocess
+import tempfile
+
+import pytest
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    SKIP = None if os.path.exists(os.path.join(_BIN, "ptxas")) else "triton's bundled ptxas is missing"
+except Exception as exc:  # pragma: no cover - depends on the environment
+    SKIP = f"triton is not importable ({type(exc).__name__}: {exc})"
+
+pytestmark = pytest.mark.skipif(SKIP is not None or os.environ.get("TRITON_INTERPRET") == "1",
+                                reason=SKIP or "TRITON_INTERPRET=1 replaces kernels by interpreted functions")
+
+H100_SMEM = 232448
+
+
+def _compile(jitfn, sig, consts, num_warps, num_stages, div16=()):
+    """Compile jitfn for sm_90; return (ptx, shared bytes, registers, local (spill) bytes)."""
+    names = jitfn.arg_names
+    full = {n: ("constexpr" if n in consts else sig[n]) for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}
+    k = triton.compile(ASTSource(jitfn, full, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=num_warps, num_stages=num_stages))
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(k.asm["cubin"])
+    try:
+        res = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-res-usage", f.name],
+                             capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", res, re.S)
+    regs, local = (int(m.group(1)), int(m.group(2))) if m else (-1, -1)
+    return k.asm["ptx"], k.metadata.shared, regs, local
+
+
+def _assert_healthy(ptx, shared, regs, local, wgmma=r"wgmma\.mma_async"):
+    assert re.search(wgmma, ptx), "kernel fell off the Hopper wgmma path"
+    assert shared <= H100_SMEM, f"shared memory {shared} > {H100_SMEM}"
+    assert local == 0, f"register spills ({local} bytes of local memory, {regs} registers)"
+
+
+@pytest.mark.parametrize("dtype", ["i8", "fp8e4nv"])
+def test_scaled_mm_tma_compiles_for_sm90(dtype):
+    S = importlib.import_module("workbench.kernels.scaled_mm")
+    bm, bn, bk, w, s, sub = S.TMA_CONFIGS[1]  # the largest-SMEM config (4 stages, 128x256x128)
+    sig = {"a_desc": f"tensordesc<{dtype}[{bm}, {bk}]>", "b_desc": f"tensordesc<{dtype}[{bn}, {bk}]>",
+           "c_desc": f"tensordesc<bf16[{bm}, {bn // 2}]>", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
+           "bias_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32"}
+    consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EPILOGUE_SUBTILE=sub, NUM_SMS=132,
+                  ACC_DTYPE=tl.int32 if dtype == "i8" else tl.float32, OUT_DTYPE=tl.bfloat16, MAX_IMPRECISE=0,
+                  HAS_BIAS=True, ACT=1, FAST=True)
+    ptx, shared, regs, local = _compile(S._scaled_mm_tma_kernel, sig, consts, w, s,
+                                        div16=["a_scale_ptr", "b_scale_ptr", "bias_ptr", "N", "K"])
+    _assert_healthy(ptx, shared, regs, local)
+    assert "cp.async.bulk.tensor" in ptx and "tanh.approx.f32" in ptx
+
+
+def test_w4a8_compiles_for_sm90_with_register_A_operand():
+    W = importlib.import_module("workbench.kernels.w4a8_gemm")
+    bn, bm, w, s = W.W4A8_CONFIGS[0]
+    sig = dict(a_ptr="*i8", w_ptr="*u8", ws_ptr="*fp32", a_scale_ptr="*fp32", bias_ptr="*bf16", c_ptr="*bf16",
+               M="i32", N="i32", K="i32", M_BUCKET="i32", stride_am="i32", stride_wn="i32", stride_wsn="i32",
+               stride_cm="i32")
+    consts = dict(BLOCK_N=bn, BLOCK_M=bm, GROUP=128, GROUP_M=8, HAS_BIAS=True, ACT=0, FAST=True)
+    ptx, shared, regs, local = _compile(W._w4a8_kernel, sig, consts, w, s,
+                                        div16=["a_ptr", "w_ptr", "ws_ptr", "a_scale_ptr", "bias_ptr", "c_ptr",
+                                               "N", "K", "stride_am", "stride_wn", "stride_wsn", "stride_cm"])
+    _assert_healthy(ptx, shared, regs, local, wgmma=r"wgmma\.mma_async\S*s32\.s8\.s8 \{[^}]*\}, \{")
+
+
+@pytest.mark.parametrize("d,bn,f16x2", [(64, 128, False), (128, 64, True)])
+def test_quant_attention_compiles_for_sm90(d, bn, f16x2):
+    A = importlib.import_module("workbench.kernels.quant_attention")
+    sig = dict(q_ptr="*bf16", k_src=f"tensordesc<i8[{bn}, {d}]>", ks_ptr="*fp32",
+               v_src=f"tensordesc<fp8e4nv[{d}, {bn}]>", vs_ptr="*fp32", vm_ptr="*fp32", o_ptr="*bf16",
+               H="i32", NQ="i32", NK="i32", NK_PAD="i32", NKB="i32", qk_scale="fp32",
+               stride_qb="i32", stride_qh="i32", stride_qn="i32", stride_qd="i32",
+               stride_ob="i32", stride_oh="i32", stride_on="i32", stride_od="i32")
+    consts = dict(HEAD_DIM=d, BLOCK_M=128, BLOCK_N=bn, USE_TMA=True, PV_FP8=True, PV_PROMOTE=True,
+                  SMOOTH_V=True, EXP_F16X2=f16x2, EMULATE_FP8=False, stride_qd=1, stride_od=1)
+    ptx, shared, regs, local = _compile(A._sage_attn_kernel, sig, consts, 8, 3,
+                                        div16=["q_ptr", "ks_ptr", "vs_ptr", "vm_ptr", "o_ptr", "NK_PAD",
+                                               "stride_qb", "stride_qh", "stride_qn", "stride_ob", "stride_oh",
+                                               "stride_on"])
+    _assert_healthy(ptx, shared, regs, local, wgmma=r"wgmma\.mma_async\S*s32\.s8\.s8")
+    assert re.search(r"wgmma\.mma_async\S*f32\.e4m3\.e4m3", ptx), "P.V is not an fp8 wgmma"
+    assert "cvt.rn.f32.s32" not in ptx, "int32 scores converted with the slow I2F path"
+    if f16x2:
+        assert "ex2.approx.f16x2" in ptx
+
+
+def test_layernorm_quant_compiles_for_sm90():
+    Q = importlib.import_module("workbench.kernels.quant")
+    sig = dict(x_ptr="*bf16", q_ptr="*i8", s_ptr="*fp32", w_ptr="*fp32", b_ptr="*fp32", ms_ptr="*bf16",
+               msh_ptr="*bf16", K="i32", stride_xm="i32", stride_qm="i32", rows_per_batch="i32", stride_mod="i32",
+               eps="fp32")
+    consts = dict(MODE=1, HAS_W=True, HAS_B=True, HAS_MOD_SCALE=True, HAS_MOD_SHIFT=True, OUT_FP8=False,
+                  EMULATE_FP8=False, FAST=True, BLOCK_K=2048)
+    ptx, shared, regs, local = _compile(Q._row_quant_kernel, sig, consts, 4, 1,
+                                        div16=["x_ptr", "q_ptr", "K", "stride_xm", "stride_qm"])
+    assert local == 0 and shared <= H100_SMEM

@@ -1,0 +1,36 @@
+"""W8A8 int8 linear: fused per-token activation quantization + int8 GEMM with dequant/bias/GELU epilogue."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from .quant import quantize_rows
+from .scaled_mm import scaled_mm
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    """Output dtype of a quantized linear: the input's float dtype (bf16 for non-float inputs)."""
+    return x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
+
+
+def int8_scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                   bias: Optional[torch.Tensor] = None, activation: Optional[str] = None,
+                   out_dtype: torch.dtype = torch.bfloat16, **kw: Any) -> torch.Tensor:
+    """Int8 GEMM on pre-quantized activations (e.g. from layernorm_quant); see int8_scaled_mm_ref."""
+    if xq.dtype != torch.int8 or wq.dtype != torch.int8:
+        raise ValueError(f"int8_scaled_mm needs int8 operands, got {xq.dtype} / {wq.dtype}")
+    return scaled_mm(xq, x_scale, wq, w_scale, bias, activation, out_dtype, **kw)
+
+
+def w8a8_linear_triton(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                       bias: Optional[torch.Tensor] = None, activation: Optional[str] = None,
+                       **kw: Any) -> torch.Tensor:
+    """Triton W8A8 linear with the signature and semantics of reference.w8a8_linear_ref."""
+    k = x.shape[-1]
+    if wq.shape[1] != k:
+        raise ValueError(f"weight has K={wq.shape[1]} but input has {k} features")
+    xq, xs = quantize_rows(x.reshape(-1, k))
+    out = scaled_mm(xq, xs, wq, w_scale, bias, activation, _out_dtype(x), **kw)
+    return out.reshape(*x.shape[:-1], wq.shape[0])

@@ -1,0 +1,134 @@
+"""Fused activation quantization kernels: one pass over bf16 rows -> int8/fp8 codes + per-row fp32 scale.
+
+Variants fuse the producer: plain (``quantize_rows``), LayerNorm (+affine, +AdaLN modulation),
+RMSNorm and GELU-tanh. Semantics are defined by the ``*_ref`` functions in ``reference.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_utils import gelu_tanh_f32, interpreting, rint_f32, to_fp8_e4m3, use_fast_math
+
+MODE_PLAIN, MODE_LAYERNORM, MODE_RMSNORM, MODE_GELU = 0, 1, 2, 3
+
+
+@triton.jit
+def _row_quant_kernel(x_ptr, q_ptr, s_ptr, w_ptr, b_ptr, ms_ptr, msh_ptr,
+                      K, stride_xm, stride_qm, rows_per_batch, stride_mod, eps,
+                      MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                      HAS_MOD_SCALE: tl.constexpr, HAS_MOD_SHIFT: tl.constexpr,
+                      OUT_FP8: tl.constexpr, EMULATE_FP8: tl.constexpr, FAST: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """One program per row: optional norm/GELU/modulation in fp32, absmax, quantize, store."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < K
+    x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+    if MODE == 1:
+        mean = tl.sum(x, axis=0) / K
+        xc = tl.where(mask, x - mean, 0.0)
+        var = tl.sum(xc * xc, axis=0) / K
+        y = xc * tl.math.rsqrt(var + eps)
+    elif MODE == 2:
+        ms = tl.sum(x * x, axis=0) / K
+        y = x * tl.math.rsqrt(ms + eps)
+    elif MODE == 3:
+        y = gelu_tanh_f32(x, FAST)
+    else:
+        y = x
+    if HAS_W:
+        y = y * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_B:
+        y = y + tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_MOD_SCALE:
+        bidx = row // rows_per_batch
+        y = y * (1.0 + tl.load(ms_ptr + bidx * stride_mod + offs, mask=mask, other=0.0).to(tl.float32))
+    if HAS_MOD_SHIFT:
+        bidx = row // rows_per_batch
+        y = y + tl.load(msh_ptr + bidx * stride_mod + offs, mask=mask, other=0.0).to(tl.float32)
+    y = tl.where(mask, y, 0.0)
+    amax = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-8)
+    if OUT_FP8:
+        inv = tl.math.div_rn(448.0, amax)
+        q = to_fp8_e4m3(y * inv, EMULATE_FP8)
+        scale = tl.math.div_rn(amax, 448.0)
+    else:
+        inv = tl.math.div_rn(127.0, amax)
+        q = tl.minimum(tl.maximum(rint_f32(y * inv), -127.0), 127.0).to(tl.int8)
+        scale = tl.math.div_rn(amax, 127.0)
+    tl.store(q_ptr + row * stride_qm + offs, q, mask=mask)
+    tl.store(s_ptr + row, scale)
+
+
+def _launch(x: torch.Tensor, mode: int, fp8: bool, weight: Optional[torch.Tensor] = None,
+            bias: Optional[torch.Tensor] = None, eps: float = 0.0, mod_scale: Optional[torch.Tensor] = None,
+            mod_shift: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Flatten x to rows, launch the row-quant kernel and restore the leading shape."""
+    lead = tuple(x.shape[:-1])
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    q = torch.empty((m, k), device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
+    s = torch.empty((m,), device=x.device, dtype=torch.float32)
+    if m == 0:
+        return q.reshape(*lead, k), s.reshape(lead)
+    block_k = triton.next_power_of_2(k)
+    if block_k > 32768:
+        raise ValueError(f"row quantization supports K <= 32768, got {k}")
+    num_warps = min(max(block_k // 512, 1), 16)
+    mods = [t for t in (mod_scale, mod_shift) if t is not None]
+    rows_per_batch, stride_mod = 1, 0
+    if mods:
+        nb = mods[0].shape[0]
+        if m % nb:
+            raise ValueError(f"{m} rows are not divisible by the modulation batch {nb}")
+        rows_per_batch = m // nb
+        mods = [t.reshape(nb, k).contiguous() for t in mods]
+        stride_mod = mods[0].stride(0)
+        if mod_scale is not None:
+            mod_scale = mods.pop(0)
+        if mod_shift is not None:
+            mod_shift = mods.pop(0)
+    dummy = s
+    _row_quant_kernel[(m,)](
+        x2, q, s,
+        weight.contiguous() if weight is not None else dummy,
+        bias.contiguous() if bias is not None else dummy,
+        mod_scale if mod_scale is not None else dummy,
+        mod_shift if mod_shift is not None else dummy,
+        k, x2.stride(0), q.stride(0), rows_per_batch, stride_mod, float(eps),
+        MODE=mode, HAS_W=weight is not None, HAS_B=bias is not None,
+        HAS_MOD_SCALE=mod_scale is not None, HAS_MOD_SHIFT=mod_shift is not None,
+        OUT_FP8=fp8, EMULATE_FP8=interpreting(), FAST=use_fast_math(),
+        BLOCK_K=block_k, num_warps=num_warps)
+    return q.reshape(*lead, k), s.reshape(lead)
+
+
+def quantize_rows(x: torch.Tensor, fp8: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 (or e4m3) quantization of x[..., K] in one pass; see quantize_per_token_int8."""
+    return _launch(x, MODE_PLAIN, fp8)
+
+
+def layernorm_quant(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                    eps: float = 1e-5, mod_scale: Optional[torch.Tensor] = None,
+                    mod_shift: Optional[torch.Tensor] = None, fp8: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm(+affine)(+AdaLN y*(1+scale[b])+shift[b]) fused with per-token quantization."""
+    return _launch(x, MODE_LAYERNORM, fp8, weight, bias, eps, mod_scale, mod_shift)
+
+
+def rmsnorm_quant(x: torch.Tensor, weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
+                  fp8: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm(+weight) fused with per-token quantization."""
+    return _launch(x, MODE_RMSNORM, fp8, weight, None, eps)
+
+
+def gelu_quant(x: torch.Tensor, fp8: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """GELU-tanh fused with per-token quantization (when GELU is not already in the GEMM epilogue)."""
+    return _launch(x, MODE_GELU, fp8)

@@ -1,0 +1,327 @@
+"""SageAttention-style quantized attention (int8 Q.K^T, fp8/fp16 P.V, online softmax) in Triton.
+
+Pipeline (3 launches + two tiny torch reductions), semantics = reference.quant_attention_ref:
+1. ``_kv_stats_kernel``: one pass over K and V -> per-(b, h, channel) partial sums of K and V and
+   min/max of V (split over tokens so that even B*H=12 fills the GPU).
+2. ``_kv_quant_kernel``: K - mean_K (smoothing; softmax is invariant to it), int8 per block of
+   BLOCK_N tokens; V - mean_V, per-channel e4m3 (scale absmax/448) written *transposed*
+   ([D, N], token-contiguous) because Hopper fp8 wgmma needs K-major B operands.
+3. ``_sage_attn_kernel``: per (BLOCK_M queries, b, h): loads Q in its original layout and
+   quantizes it to int8 in registers (per-block scale with sm_scale*log2e folded in), then loops
+   over key blocks: S = Q8 K8^T (int32, exact), int32->fp32 via an integer add of 0x4B400000
+   + fp32 sub (no I2F on the MUFU-class pipe), one FFMA per element gives the base-2 logit minus
+   the running max (+8 so that P spans (0, 256] in e4m3), exp2, P -> e4m3, acc += P V (fp32; on
+   Hopper the fp8 wgmma accumulator is promoted to fp32 every key block, like SageAttention2's
+   two-level accumulation). Epilogue: acc / l * v_scale + mean_V.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import math
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_utils import (TensorDescriptor, fast_bench, int_to_f32_exact, interpreting, is_hopper_or_newer, num_sms,
+                            rint_f32, tma_ok, to_fp8_e4m3)
+from .reference import EPS, FP8_MAX, LOG2E, _div, _sdiv
+
+
+@triton.jit
+def _kv_stats_kernel(k_ptr, v_ptr, ksum_ptr, vsum_ptr, vmin_ptr, vmax_ptr,
+                     H, NK, TOK_PER_SPLIT, SPLITS,
+                     skb, skh, skn, skd, svb, svh, svn, svd,
+                     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Partial per-channel sum(K), sum(V), min(V), max(V) over one token split of one (b, h)."""
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ksum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    vsum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    vmin = tl.full([HEAD_DIM], float("inf"), dtype=tl.float32)
+    vmax = tl.full([HEAD_DIM], float("-inf"), dtype=tl.float32)
+    start = pid_s * TOK_PER_SPLIT
+    end = tl.minimum(start + TOK_PER_SPLIT, NK)
+    for t0 in range(start, end, BLOCK_T):
+        tt = (t0 + offs_t).to(tl.int64)
+        msk = (tt < end)[:, None]
+        kt = tl.load(k_base + tt[:, None] * skn + offs_d[None, :] * skd, mask=msk, other=0.0).to(tl.float32)
+        vt = tl.load(v_base + tt[:, None] * svn + offs_d[None, :] * svd, mask=msk, other=0.0).to(tl.float32)
+        ksum += tl.sum(kt, axis=0)
+        vsum += tl.sum(vt, axis=0)
+        vmin = tl.minimum(vmin, tl.min(tl.where(msk, vt, float("inf")), axis=0))
+        vmax = tl.maximum(vmax, tl.max(tl.where(msk, vt, float("-inf")), axis=0))
+    o = (pid_bh * SPLITS + pid_s) * HEAD_DIM + offs_d
+    tl.store(ksum_ptr + o, ksum)
+    tl.store(vsum_ptr + o, vsum)
+    tl.store(vmin_ptr + o, vmin)
+    tl.store(vmax_ptr + o, vmax)
+
+
+@triton.jit
+def _kv_quant_kernel(k_ptr, v_ptr, km_ptr, vm_ptr, vinv_ptr, k8_ptr, ks_ptr, vt_ptr,
+                     H, NK, NK_PAD, NKB,
+                     skb, skh, skn, skd, svb, svh, svn, svd,
+                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SMOOTH_K: tl.constexpr,
+                     SMOOTH_V: tl.constexpr, PV_FP8: tl.constexpr, EMULATE_FP8: tl.constexpr):
+    """Smooth + int8-quantize one K block (per-block scale) and quantize + transpose one V block."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    valid = (offs_n < NK)[:, None]
+    tok = offs_n.to(tl.int64)
+    k = tl.load(k_ptr + b * skb + h * skh + tok[:, None] * skn + offs_d[None, :] * skd,
+                mask=valid, other=0.0).to(tl.float32)
+    if SMOOTH_K:
+        k = k - tl.load(km_ptr + pid_bh * HEAD_DIM + offs_d)[None, :]
+    k = tl.where(valid, k, 0.0)
+    amax = tl.maximum(tl.max(tl.max(tl.abs(k), axis=1), axis=0), 1e-8)
+    k8 = tl.minimum(tl.maximum(rint_f32(k * tl.math.div_rn(127.0, amax)), -127.0), 127.0).to(tl.int8)
+    row = pid_bh.to(tl.int64) * NK_PAD + tok
+    tl.store(k8_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], k8)
+    tl.store(ks_ptr + pid_bh * NKB + pid_n, tl.math.div_rn(amax, 127.0))
+    v = tl.load(v_ptr + b * svb + h * svh + tok[:, None] * svn + offs_d[None, :] * svd,
+                mask=valid, other=0.0).to(tl.float32)
+    if SMOOTH_V:
+        v = v - tl.load(vm_ptr + pid_bh * HEAD_DIM + offs_d)[None, :]
+    v = tl.where(valid, v, 0.0)
+    if PV_FP8:
+        v8 = to_fp8_e4m3(v * tl.load(vinv_ptr + pid_bh * HEAD_DIM + offs_d)[None, :], EMULATE_FP8)
+    else:
+        v8 = v.to(tl.float16)
+    vrow = pid_bh.to(tl.int64) * HEAD_DIM + offs_d
+    tl.store(vt_ptr + vrow[None, :] * NK_PAD + tok[:, None], v8)
+
+
+@triton.jit
+def _attn_step(acc, l_i, m_i, q8, c_q, k, v, ks, offs_n, n_valid,
+               MASK: tl.constexpr, PV_FP8: tl.constexpr, PV_PROMOTE: tl.constexpr,
+               EXP_F16X2: tl.constexpr, EMULATE_FP8: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key block of the online softmax: int8 QK^T, exp2, quantized P, P.V accumulate."""
+    s = tl.dot(q8, k.T, out_dtype=tl.int32)
+    # exact int32 -> fp32 with IADD + FADD (|s| <= D*127*127 < 2**22), keeping the MUFU-class
+    # pipe (I2F, 16/clk/SM like ex2) free for the exponentials
+    sf = int_to_f32_exact(s)
+    if MASK:
+        sf = tl.where((offs_n < n_valid)[None, :], sf, float("-inf"))
+    c = c_q * ks
+    m_new = tl.maximum(m_i, tl.max(sf, axis=1) * c)
+    if PV_FP8:
+        bias = m_new - 8.0                                   # P = 2**(logit - m + 8) in (0, 256]
+    else:
+        bias = m_new
+    x = sf * c - bias[:, None]                               # one FFMA per element
+    if EXP_F16X2:
+        ph = tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
+                                       dtype=tl.float16, is_pure=True, pack=2)
+        l_ij = tl.sum(ph.to(tl.float32), axis=1)
+        if PV_FP8:
+            pq = ph.to(tl.float8e4nv)
+        else:
+            pq = ph
+    else:
+        p = tl.math.exp2(x)
+        l_ij = tl.sum(p, axis=1)
+        if PV_FP8:
+            if EMULATE_FP8:
+                pq = to_fp8_e4m3(p, True)
+            else:
+                pq = p.to(tl.float8e4nv)                     # cvt.rn.satfinite, no clamp needed
+        else:
+            pq = p.to(tl.float16)
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + l_ij
+    acc = acc * alpha[:, None]
+    if PV_FP8 and PV_PROMOTE:
+        acc = tl.dot(pq, v, acc, max_num_imprecise_acc=BLOCK_N)
+    else:
+        acc = tl.dot(pq, v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _sage_attn_kernel(q_ptr, k_src, ks_ptr, v_src, vs_ptr, vm_ptr, o_ptr,
+                      H, NQ, NK, NK_PAD, NKB, qk_scale,
+                      stride_qb, stride_qh, stride_qn, stride_qd,
+                      stride_ob, stride_oh, stride_on, stride_od,
+                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      USE_TMA: tl.constexpr, PV_FP8: tl.constexpr, PV_PROMOTE: tl.constexpr,
+                      SMOOTH_V: tl.constexpr, EXP_F16X2: tl.constexpr, EMULATE_FP8: tl.constexpr):
+    """Fused quantized attention for BLOCK_M queries of one (b, h)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    row_ok = (offs_m < NQ)[:, None]
+
+    # --- Q: load in the caller's layout, per-block int8 quantization in registers
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qn
+                + offs_d[None, :] * stride_qd, mask=row_ok, other=0.0).to(tl.float32)
+    q_amax = tl.maximum(tl.max(tl.max(tl.abs(q), axis=1), axis=0), 1e-8)
+    q8 = tl.minimum(tl.maximum(rint_f32(q * tl.math.div_rn(127.0, q_amax)), -127.0), 127.0).to(tl.int8)
+    c_q = tl.math.div_rn(q_amax, 127.0) * qk_scale
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    kv_row0 = pid_bh * NK_PAD
+    v_row0 = pid_bh * HEAD_DIM
+    ks_base = ks_ptr + pid_bh * NKB
+    if not USE_TMA:
+        k_ptrs = k_src + (kv_row0 + offs_n).to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
+        v_ptrs = v_src + (v_row0 + offs_d).to(tl.int64)[None, :] * NK_PAD + offs_n[:, None]  # [BLOCK_N, D] of V^T
+    n_full = NK // BLOCK_N
+    for j in range(0, n_full):
+        if USE_TMA:
+            k = k_src.load([kv_row0 + j * BLOCK_N, 0])
+            v = v_src.load([v_row0, j * BLOCK_N]).T
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+            k_ptrs += BLOCK_N * HEAD_DIM
+            v_ptrs += BLOCK_N
+        ks = tl.load(ks_base + j)
+        acc, l_i, m_i = _attn_step(acc, l_i, m_i, q8, c_q, k, v, ks, offs_n, BLOCK_N, False,
+                                   PV_FP8, PV_PROMOTE, EXP_F16X2, EMULATE_FP8, BLOCK_N)
+    if n_full * BLOCK_N < NK:  # ragged last key block: padded rows are zero, mask their logits
+        if USE_TMA:
+            k = k_src.load([kv_row0 + n_full * BLOCK_N, 0])
+            v = v_src.load([v_row0, n_full * BLOCK_N]).T
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        ks = tl.load(ks_base + n_full)
+        acc, l_i, m_i = _attn_step(acc, l_i, m_i, q8, c_q, k, v, ks, offs_n, NK - n_full * BLOCK_N, True,
+                                   PV_FP8, PV_PROMOTE, EXP_F16X2, EMULATE_FP8, BLOCK_N)
+
+    out = acc / l_i[:, None]
+    if PV_FP8:
+        out = out * tl.load(vs_ptr + pid_bh * HEAD_DIM + offs_d)[None, :]
+    if SMOOTH_V:
+        out = out + tl.load(vm_ptr + pid_bh * HEAD_DIM + offs_d)[None, :]
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_on
+             + offs_d[None, :] * stride_od, out.to(o_ptr.dtype.element_ty), mask=row_ok)
+
+
+# (num_warps, num_stages); block sizes are fixed by the caller because they define the
+# quantization granularity (Q per BLOCK_M rows, K per BLOCK_N tokens).
+ATTN_CONFIGS = [(4, 3), (8, 2), (8, 3), (8, 4)]
+_attn_tuned = triton.autotune(
+    configs=[triton.Config({}, num_warps=w, num_stages=s) for w, s in ATTN_CONFIGS],
+    key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "USE_TMA", "PV_FP8", "PV_PROMOTE", "EXP_F16X2", "SMOOTH_V"],
+    do_bench=fast_bench)(_sage_attn_kernel)
+
+
+def last_best_config() -> Optional[str]:
+    """String form of the config the attention autotuner picked most recently."""
+    cfg = getattr(_attn_tuned, "best_config", None)
+    return None if cfg is None else str(cfg)
+
+
+def default_block_n(head_dim: int) -> int:
+    """Key block (and K-scale granularity) used by default: 128 for D <= 64, else 64."""
+    return 128 if head_dim <= 64 else 64
+
+
+def quant_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: Optional[float] = None,
+                           block_m: int = 128, block_n: Optional[int] = None, pv_dtype: str = "fp8",
+                           smooth_k: bool = True, smooth_v: bool = True, *, impl: str = "auto",
+                           exp_f16x2: bool = False, pv_promote: bool = True,
+                           config: Optional[Dict[str, int]] = None) -> torch.Tensor:
+    """Triton quantized attention for [B, H, N, D] q/k/v (any strides); semantics of quant_attention_ref.
+
+    impl: "auto" (TMA K/V loads on sm_90+), "tma" or "ptr". exp_f16x2: compute exp2 two-at-a-time
+    with ex2.approx.f16x2 (GPU only; halves MUFU work, P rounded to fp16 before fp8). pv_promote:
+    promote the fp8 P.V wgmma accumulator to fp32 every key block. config: {num_warps, num_stages}.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("quant_attention expects [B, H, N, D] tensors")
+    bsz, h, nq, d = q.shape
+    nk = k.shape[2]
+    if k.shape != (bsz, h, nk, d) or v.shape != k.shape:
+        raise ValueError(f"incompatible shapes q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
+    if d not in (16, 32, 64, 128):
+        raise ValueError(f"head_dim must be 16, 32, 64 or 128, got {d}")
+    if pv_dtype not in ("fp8", "fp16"):
+        raise ValueError("pv_dtype must be 'fp8' or 'fp16'")
+    block_n = default_block_n(d) if block_n is None else block_n
+    for name, blk in (("block_m", block_m), ("block_n", block_n)):
+        if blk < 16 or blk & (blk - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {blk}")
+    if exp_f16x2 and interpreting():
+        raise ValueError("exp_f16x2 uses inline PTX and cannot run in the Triton interpreter")
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    dev = q.device
+    out = torch.empty((bsz, h, nq, d), device=dev, dtype=q.dtype)
+    if nq == 0 or bsz * h == 0:
+        return out
+    if nk == 0:
+        raise ValueError("attention over zero keys is undefined")
+    bh = bsz * h
+    pv_fp8 = pv_dtype == "fp8"
+    emulate = interpreting()
+
+    # 1) statistics for K smoothing and V smoothing / per-channel V scale
+    block_t = 64
+    target = 4 * num_sms(dev)
+    splits = max(1, min(triton.cdiv(nk, block_t), triton.cdiv(target, bh)))
+    tok_per_split = triton.cdiv(triton.cdiv(nk, splits), block_t) * block_t
+    splits = triton.cdiv(nk, tok_per_split)
+    part = torch.empty((4, bh, splits, d), device=dev, dtype=torch.float32)
+    _kv_stats_kernel[(bh, splits)](k, v, part[0], part[1], part[2], part[3], h, nk, tok_per_split, splits,
+                                   *k.stride(), *v.stride(), HEAD_DIM=d, BLOCK_T=block_t, num_warps=4)
+    nk_t = torch.full((1, 1), float(nk), device=dev)
+    km = torch.div(part[0].sum(1), nk_t).contiguous()
+    vm = torch.div(part[1].sum(1), nk_t) if smooth_v else torch.zeros((bh, d), device=dev)
+    vm = vm.contiguous()
+    vmin, vmax = part[2].amin(1), part[3].amax(1)
+    vamax = torch.maximum(vmax - vm, vm - vmin).clamp_min(EPS)
+    vinv = _div(FP8_MAX, vamax).contiguous()
+    vs = _sdiv(vamax, FP8_MAX).contiguous()
+
+    # 2) K int8 per block (smoothed), V^T e4m3 per channel (or fp16), padded to BLOCK_N
+    nkb = triton.cdiv(nk, block_n)
+    nk_pad = nkb * block_n
+    k8 = torch.empty((bh * nk_pad, d), device=dev, dtype=torch.int8)
+    ks = torch.empty((bh, nkb), device=dev, dtype=torch.float32)
+    vt = torch.empty((bh * d, nk_pad), device=dev, dtype=torch.float8_e4m3fn if pv_fp8 else torch.float16)
+    _kv_quant_kernel[(nkb, bh)](k, v, km, vm, vinv, k8, ks, vt, h, nk, nk_pad, nkb,
+                                *k.stride(), *v.stride(), HEAD_DIM=d, BLOCK_N=block_n,
+                                SMOOTH_K=smooth_k, SMOOTH_V=smooth_v, PV_FP8=pv_fp8, EMULATE_FP8=emulate,
+                                num_warps=4 if block_n * d <= 8192 else 8)
+
+    # 3) fused attention
+    if impl == "auto":
+        impl = "tma" if is_hopper_or_newer(dev) and tma_ok(k8, vt) else "ptr"
+    if impl == "tma":
+        k_src = TensorDescriptor(k8, list(k8.shape), list(k8.stride()), [block_n, d])
+        v_src = TensorDescriptor(vt, list(vt.shape), list(vt.stride()), [d, block_n])
+    elif impl == "ptr":
+        k_src, v_src = k8, vt
+    else:
+        raise ValueError(f"impl must be 'auto', 'tma' or 'ptr', got {impl!r}")
+    grid = (triton.cdiv(nq, block_m), bh)
+    args = (q, k_src, ks, v_src, vs, vm, out, h, nq, nk, nk_pad, nkb, scale * LOG2E,
+            *q.stride(), *out.stride())
+    flags = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=impl == "tma", PV_FP8=pv_fp8,
+                 PV_PROMOTE=pv_promote and pv_fp8, SMOOTH_V=smooth_v, EXP_F16X2=exp_f16x2, EMULATE_FP8=emulate)
+    if config is None and not interpreting():
+        _attn_tuned[grid](*args, **flags)
+    else:
+        cfg = config or {}
+        _sage_attn_kernel[grid](*args, **flags, num_warps=cfg.get("num_warps", 4),
+                                num_stages=cfg.get("num_stages", 2))
+    return out

@@ -1,0 +1,259 @@
+"""Row/column-scaled GEMM kernels shared by the int8 (W8A8) and fp8 linears.
+
+C[M, N] = epilogue((A[M, K] @ B[N, K]^T) * a_scale[M, None] * b_scale[None, N] + bias[N]),
+A/B int8 (int32 accumulator, exact) or e4m3 (fp32 accumulator); the epilogue optionally applies
+GELU-tanh and writes bf16/fp16/fp32. B keeps nn.Linear's [N, K] layout, i.e. K-major, which is
+what Hopper wgmma requires for 8-bit operands (an [K, N] layout would force the slow mma.sync path).
+
+Two implementations:
+* ``tma``: persistent kernel (one CTA per SM loops over tiles in GROUP_M super-grouped order),
+  TMA-descriptor loads (OOB zero-fill handles ragged M/N/K), wgmma pipelined over num_stages,
+  TMA store of the epilogue, optionally split in two halves (EPILOGUE_SUBTILE) to free SMEM.
+* ``ptr``: classic tiled kernel with pointer loads (sm_80/sm_89, or when TMA alignment fails).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_utils import (TensorDescriptor, check_gemm_shapes, fast_bench, gelu_tanh_f32, grouped_pid,
+                            interpreting, is_hopper_or_newer, m_bucket, num_sms, tma_ok, use_fast_math)
+
+_TL_OUT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+ACTIVATIONS = {None: 0, "gelu_tanh": 1}
+
+
+@triton.jit
+def _dequant_epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, b_scale_ptr, bias_ptr,
+                      HAS_BIAS: tl.constexpr, ACT: tl.constexpr, FAST: tl.constexpr):
+    """acc * a_scale[:, None] * b_scale[None, :] (+ bias) (+ GELU) in fp32."""
+    a_s = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
+    b_s = tl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+    out = acc.to(tl.float32) * a_s[:, None] * b_s[None, :]
+    if HAS_BIAS:
+        out = out + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if ACT == 1:
+        out = gelu_tanh_f32(out, FAST)
+    return out
+
+
+@triton.jit
+def _scaled_mm_tma_kernel(a_desc, b_desc, c_desc, a_scale_ptr, b_scale_ptr, bias_ptr,
+                          M, N, K, M_BUCKET,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          GROUP_M: tl.constexpr, EPILOGUE_SUBTILE: tl.constexpr, NUM_SMS: tl.constexpr,
+                          ACC_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, MAX_IMPRECISE: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, ACT: tl.constexpr, FAST: tl.constexpr):
+    """Persistent TMA scaled GEMM (see module docstring)."""
+    start_pid = tl.program_id(axis=0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    num_tiles = num_pid_m * num_pid_n
+    tile_id_c = start_pid - NUM_SMS
+    for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=True):
+        pid_m, pid_n = grouped_pid(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        offs_am = pid_m * BLOCK_M
+        offs_bn = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+        for ki in range(k_tiles):
+            offs_k = ki * BLOCK_K
+            a = a_desc.load([offs_am, offs_k])
+            b = b_desc.load([offs_bn, offs_k])
+            if MAX_IMPRECISE > 0:
+                acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=MAX_IMPRECISE, out_dtype=ACC_DTYPE)
+            else:
+                acc = tl.dot(a, b.T, acc, out_dtype=ACC_DTYPE)
+        # separate counter for the epilogue (mirrors the Triton persistent-matmul tutorial)
+        tile_id_c += NUM_SMS
+        pid_m, pid_n = grouped_pid(tile_id_c, num_pid_m, num_pid_n, GROUP_M)
+        offs_cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        out = _dequant_epilogue(acc, offs_cm, offs_cn, M, N, a_scale_ptr, b_scale_ptr, bias_ptr,
+                                HAS_BIAS, ACT, FAST)
+        if EPILOGUE_SUBTILE:
+            o = tl.permute(tl.reshape(out, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+            o0, o1 = tl.split(o)
+            c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], o0.to(OUT_DTYPE))
+            c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2], o1.to(OUT_DTYPE))
+        else:
+            c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out.to(OUT_DTYPE))
+
+
+@triton.jit
+def _scaled_mm_ptr_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
+                          M, N, K, M_BUCKET, stride_am, stride_bn, stride_cm,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+                          ACC_DTYPE: tl.constexpr, MAX_IMPRECISE: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, ACT: tl.constexpr, FAST: tl.constexpr):
+    """Tiled scaled GEMM with pointer loads (non-persistent)."""
+    pid = tl.program_id(axis=0)
+    pid_m, pid_n = grouped_pid(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_am = tl.where(offs_m < M, offs_m, 0)  # clamp instead of masking the mainloop
+    offs_bn = tl.where(offs_n < N, offs_n, 0)
+    offs_am = tl.max_contiguous(tl.multiple_of(offs_am, BLOCK_M), BLOCK_M)
+    offs_bn = tl.max_contiguous(tl.multiple_of(offs_bn, BLOCK_N), BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_am.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + offs_bn.to(tl.int64)[:, None] * stride_bn + offs_k[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for ki in range(tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            kmask = offs_k < K - ki * BLOCK_K
+            a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=kmask[None, :], other=0.0)
+        if MAX_IMPRECISE > 0:
+            acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=MAX_IMPRECISE, out_dtype=ACC_DTYPE)
+        else:
+            acc = tl.dot(a, b.T, acc, out_dtype=ACC_DTYPE)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    out = _dequant_epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, b_scale_ptr, bias_ptr, HAS_BIAS, ACT, FAST)
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+# ------------------------------------------------------------------------------- autotuning
+
+def _tma_hook(nargs: Dict[str, Any]) -> None:
+    """Set TMA descriptor block shapes for the config being launched."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [bm, bk]
+    nargs["b_desc"].block_shape = [bn, bk]
+    nargs["c_desc"].block_shape = [bm, bn // 2] if nargs["EPILOGUE_SUBTILE"] else [bm, bn]
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, EPILOGUE_SUBTILE); 8-bit operands want
+# BLOCK_K=128 (128-byte rows -> 128B swizzle). SMEM per stage = (BM + BN) * BK bytes.
+TMA_CONFIGS = [
+    (128, 256, 128, 8, 3, True),
+    (128, 256, 128, 8, 4, True),
+    (256, 128, 128, 8, 3, True),
+    (128, 128, 128, 8, 4, False),
+    (128, 128, 128, 4, 4, False),
+]
+PTR_CONFIGS = [
+    (128, 256, 128, 8, 3),
+    (128, 128, 128, 8, 4),
+    (128, 128, 128, 4, 4),
+    (64, 128, 128, 4, 4),
+]
+
+
+INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
+
+
+def _tma_configs():
+    """Autotune configs for the persistent TMA kernel (Hopper)."""
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "EPILOGUE_SUBTILE": sub},
+                          num_warps=w, num_stages=s, pre_hook=_tma_hook)
+            for bm, bn, bk, w, s, sub in TMA_CONFIGS]
+
+
+def _ptr_configs():
+    """Autotune configs for the pointer kernel."""
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in PTR_CONFIGS]
+
+
+_KEY = ["M_BUCKET", "N", "K", "ACC_DTYPE", "HAS_BIAS", "ACT", "MAX_IMPRECISE"]
+_tma_tuned = triton.autotune(configs=_tma_configs(), key=_KEY, do_bench=fast_bench)(_scaled_mm_tma_kernel)
+_ptr_tuned = triton.autotune(configs=_ptr_configs(), key=_KEY, do_bench=fast_bench)(_scaled_mm_ptr_kernel)
+
+
+def last_best_config(impl: str) -> Optional[str]:
+    """String form of the config the autotuner picked most recently for impl ('tma' or 'ptr')."""
+    tuned = _tma_tuned if impl == "tma" else _ptr_tuned
+    cfg = getattr(tuned, "best_config", None)
+    return None if cfg is None else str(cfg)
+
+
+# ---------------------------------------------------------------------------------- wrapper
+
+def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+              bias: Optional[torch.Tensor] = None, activation: Optional[str] = None,
+              out_dtype: torch.dtype = torch.bfloat16, *, impl: str = "auto",
+              config: Optional[Dict[str, int]] = None, precise_fp8: bool = False) -> torch.Tensor:
+    """(a @ b.T) * a_scale[:, None] * b_scale[None, :] + bias (+GELU) for int8 or e4m3 a [M,K], b [N,K].
+
+    impl: "auto" (TMA persistent on sm_90+, else pointer), "tma" or "ptr". config: explicit
+    {BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, EPILOGUE_SUBTILE]} skips autotuning.
+    precise_fp8: promote the fp8 wgmma accumulator to fp32 every BLOCK_K (Hopper), slower but exact-er.
+    """
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"scaled_mm expects a [M, K] and b [N, K], got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.dtype != b.dtype or a.dtype not in (torch.int8, torch.float8_e4m3fn):
+        raise ValueError(f"a and b must both be int8 or float8_e4m3fn, got {a.dtype} and {b.dtype}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+    m, k = a.shape
+    n = b.shape[0]
+    check_gemm_shapes(k, n, "scaled_mm")
+    a = a if a.stride(1) == 1 else a.contiguous()
+    b = b.contiguous()
+    a_scale = a_scale.reshape(-1).float().contiguous()
+    b_scale = b_scale.reshape(-1).float().contiguous()
+    c = torch.empty((m, n), device=a.device, dtype=out_dtype)
+    if m == 0:
+        return c
+    is_int = a.dtype == torch.int8
+    if config is None and interpreting():  # the autotuner needs CUDA events; use small tiles instead
+        config = dict(INTERPRETER_CONFIG)
+    acc_dtype = tl.int32 if is_int else tl.float32
+    bias_arg = bias.contiguous() if bias is not None else a_scale
+    common = dict(ACC_DTYPE=acc_dtype, HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation],
+                  FAST=use_fast_math())
+    if impl == "auto":
+        impl = "tma" if is_hopper_or_newer(a.device) and tma_ok(a, b, c) else "ptr"
+    if impl == "tma":
+        if not tma_ok(a, b, c):
+            raise ValueError("impl='tma' needs 16-byte aligned, row-major operands")
+        nsm = num_sms(a.device)
+        blk = [1, 1]
+        a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), blk)
+        b_desc = TensorDescriptor(b, list(b.shape), list(b.stride()), blk)
+        c_desc = TensorDescriptor(c, list(c.shape), list(c.stride()), blk)
+        args = (a_desc, b_desc, c_desc, a_scale, b_scale, bias_arg, m, n, k, m_bucket(m))
+        out_tl = _TL_OUT[out_dtype]
+        if config is None:
+            max_imp = 128 if (precise_fp8 and not is_int) else 0
+            grid = lambda meta: (min(nsm, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
+            _tma_tuned[grid](*args, NUM_SMS=nsm, OUT_DTYPE=out_tl, MAX_IMPRECISE=max_imp, **common)
+        else:
+            cfg = dict(config)
+            nw, ns = cfg.pop("num_warps", 4), cfg.pop("num_stages", 3)
+            cfg.setdefault("GROUP_M", 8)
+            cfg.setdefault("EPILOGUE_SUBTILE", False)
+            _tma_hook({"a_desc": a_desc, "b_desc": b_desc, "c_desc": c_desc, **cfg})
+            max_imp = cfg["BLOCK_K"] if (precise_fp8 and not is_int) else 0
+            grid = (min(nsm, triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])),)
+            _scaled_mm_tma_kernel[grid](*args, NUM_SMS=nsm, OUT_DTYPE=out_tl, MAX_IMPRECISE=max_imp,
+                                        num_warps=nw, num_stages=ns, **cfg, **common)
+        return c
+    if impl != "ptr":
+        raise ValueError(f"impl must be 'auto', 'tma' or 'ptr', got {impl!r}")
+    args = (a, b, c, a_scale, b_scale, bias_arg, m, n, k, m_bucket(m), a.stride(0), b.stride(0), c.stride(0))
+    if config is None:
+        max_imp = 128 if (precise_fp8 and not is_int) else 0
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        _ptr_tuned[grid](*args, EVEN_K=k % 128 == 0, MAX_IMPRECISE=max_imp, **common)
+    else:
+        cfg = dict(config)
+        nw, ns = cfg.pop("num_warps", 4), cfg.pop("num_stages", 3)
+        cfg.setdefault("GROUP_M", 8)
+        cfg.pop("EPILOGUE_SUBTILE", None)
+        max_imp = cfg["BLOCK_K"] if (precise_fp8 and not is_int) else 0
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+        _scaled_mm_ptr_kernel[grid](*args, EVEN_K=k % cfg["BLOCK_K"] == 0, MAX_IMPRECISE=max_imp,
+                                    num_warps=nw, num_stages=ns, **cfg, **common)
+    return c
