@@ -24,6 +24,9 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q tests
 
+app: setup
+	$(BIN)/python app.py
+
 bench-quality: setup
 	$(BIN)/python scripts/bench_quality.py
 

@@ -23,7 +23,7 @@ def test_bad_prompt_and_extension(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "purple" in err and "Vocabulary" in err
     assert main(["generate", "--prompt", "a red circle moving left", "--steps", "2", "--out", str(tmp_path / "x.avi")]) == 2
-    assert ".mp4 or .gif" in capsys.readouterr().err
+    assert ".mp4, .webm or .gif" in capsys.readouterr().err
 
 
 def test_eval_fp_json_on_a_prompt_file(tmp_path, capsys):

@@ -21,12 +21,12 @@ def to_frames(video: torch.Tensor, scale: int = 4) -> np.ndarray:
 
 
 def save_video(video: torch.Tensor, path: str | Path, fps: int = 4, scale: int = 4, overwrite: bool = False) -> Path:
-    """Write a clip to .mp4 or .gif; refuses to overwrite an existing file unless asked."""
+    """Write a clip to .mp4, .webm (VP9, plays in any browser) or .gif; refuses to overwrite an existing file unless asked."""
     import imageio.v2 as imageio
 
     p = Path(path)
-    if p.suffix.lower() not in (".mp4", ".gif"):
-        raise ValueError(f"unsupported video extension {p.suffix!r} for {p}; use .mp4 or .gif")
+    if p.suffix.lower() not in (".mp4", ".gif", ".webm"):
+        raise ValueError(f"unsupported video extension {p.suffix!r} for {p}; use .mp4, .webm or .gif")
     if p.exists() and not overwrite:
         raise FileExistsError(f"{p} exists; choose another path or pass overwrite (CLI: --force)")
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -34,7 +34,9 @@ def save_video(video: torch.Tensor, path: str | Path, fps: int = 4, scale: int =
     if p.suffix.lower() == ".gif":
         imageio.mimsave(p, list(frames), duration=1000 / fps, loop=0)
     else:
-        with imageio.get_writer(p, fps=fps, codec="libx264", quality=8, macro_block_size=1) as w:
+        codec = "libvpx-vp9" if p.suffix.lower() == ".webm" else "libx264"
+        with imageio.get_writer(p, fps=fps, codec=codec, quality=8, macro_block_size=1,
+                                ffmpeg_log_level="error") as w:
             for f in frames:
                 w.append_data(f)
     return p

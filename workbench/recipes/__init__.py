@@ -1,0 +1,263 @@
+"""Recipes: one YAML file per method, an ordered list of stages with their settings plus the quant config.
+
+    from workbench.recipes import list_recipes, load_recipe, run_recipe
+    list_recipes()                                  # ['naive-w3a6', ..., 'vidit-q-w8a8']
+    session = run_recipe(load_bundled(), "vidit-q-w4a8", progress=True)
+    session.qtransformer                            # the quantized transformer
+
+A recipe file:
+
+    name: vidit-q-w4a8
+    method: ViDiT-Q
+    description: ...
+    quant:                        # QuantConfig.from_dict data
+      weight: {format: int4, granularity: channel}
+      act: {format: uint8, granularity: token, dynamic: true}
+    stages:                       # run in order; each item {stage name: settings mapping}
+      - collect_calibration: {prompts: 8, steps: 8}
+      - apply_quantization: {}
+      - calibrate_ranges: {alpha_search: [0.1, 0.3, 0.5]}
+
+Validation is strict: an unknown recipe name lists the available ones, an unknown field anywhere is an
+error naming it, and every bit-width must be in 2..8.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPE_DIR = Path(__file__).parent
+TOP_FIELDS = ("name", "method", "description", "quant", "stages")
+BIT_RANGE = (2, 8)
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be read; the message names the recipe, the field and the fix."""
+
+
+@dataclass
+class Recipe:
+    """A validated recipe: the quant section (QuantConfig data) and the ordered stages with settings."""
+
+    name: str
+    quant: dict[str, Any]
+    stages: list[tuple[str, dict[str, Any]]]
+    method: str = ""
+    description: str = ""
+    source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, the inverse of `recipe_from_dict` (stored in quantized-model manifests)."""
+        return {
+            "name": self.name,
+            "method": self.method,
+            "description": self.description,
+            "quant": self.quant,
+            "stages": [{name: dict(settings)} for name, settings in self.stages],
+        }
+
+    def settings(self) -> list[tuple[str, Any]]:
+        """(stage name, settings dataclass instance) in order."""
+        from workbench.stages import STAGES
+
+        return [(name, STAGES[name][1](**settings)) for name, settings in self.stages]
+
+
+def list_recipes() -> list[str]:
+    """Names of the recipes shipped in the package."""
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str | Path | Recipe) -> Recipe:
+    """A shipped recipe by name, or a recipe YAML file by path; strictly validated (module docstring)."""
+    if isinstance(name_or_path, Recipe):
+        return name_or_path
+    text = str(name_or_path)
+    path = Path(text)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist; shipped recipes: {', '.join(list_recipes())}")
+        source = path
+    else:
+        source = RECIPE_DIR / f"{text}.yaml"
+        if not source.is_file():
+            raise RecipeError(f"unknown recipe {text!r}; available recipes: {', '.join(list_recipes())}")
+    try:
+        data = yaml.safe_load(source.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe file {source} is not valid YAML: {e}") from None
+    return recipe_from_dict(data, source=str(source))
+
+
+def _where(recipe: str, what: str) -> str:
+    return f"recipe {recipe!r}: {what}"
+
+
+def _check_bits(value: Any, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RecipeError(f"{where}: bit-width must be an integer in {BIT_RANGE[0]}..{BIT_RANGE[1]}, got {value!r}")
+    if not BIT_RANGE[0] <= value <= BIT_RANGE[1]:
+        raise RecipeError(f"{where}: bit-width {value} is outside {BIT_RANGE[0]}..{BIT_RANGE[1]}")
+
+
+def _spec_bits(spec: Any, where: str) -> None:
+    """Check the bit-width of one QuantSpec mapping (or format string)."""
+    import re
+
+    if spec is None:
+        return
+    if isinstance(spec, str):
+        spec = {"format": spec}
+    if not isinstance(spec, dict):
+        return  # from_dict reports the type error
+    if "bits" in spec:
+        _check_bits(spec["bits"], f"{where}.bits")
+    fmt = spec.get("format")
+    if isinstance(fmt, str):
+        m = re.fullmatch(r"u?int(\d+)(_asym|_sym)?", fmt.strip().lower())
+        if m:
+            _check_bits(int(m.group(1)), f"{where}.format {fmt!r}")
+
+
+def check_quant(quant: Any, where: str) -> None:
+    """Validate QuantConfig data: bit-widths in range first (clear message), then QuantConfig.from_dict."""
+    from workbench.quant import QuantConfig
+
+    if not isinstance(quant, dict):
+        raise RecipeError(f"{where} must be a mapping (QuantConfig fields), got {type(quant).__name__}")
+    for key in ("weight", "act"):
+        _spec_bits(quant.get(key), f"{where}.{key}")
+    for i, r in enumerate(quant.get("rules") or []):
+        if isinstance(r, dict):
+            _spec_bits(r.get("weight"), f"{where}.rules[{i}].weight")
+            _spec_bits(r.get("act"), f"{where}.rules[{i}].act")
+    att = quant.get("attention")
+    if isinstance(att, dict):
+        for part, spec in att.items():
+            _spec_bits(spec, f"{where}.attention.{part}")
+    try:
+        QuantConfig.from_dict(quant)
+    except (ValueError, TypeError) as e:
+        raise RecipeError(f"{where}: {e}") from None
+
+
+def _expected(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def _check_value(value: Any, default: Any, where: str) -> None:
+    if default is None or value is None:
+        return
+    ok = True
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    elif isinstance(default, list):
+        ok = isinstance(value, list)
+    elif isinstance(default, dict):
+        ok = isinstance(value, dict)
+    if not ok:
+        raise RecipeError(f"{where} must be {type(default).__name__}, got {value!r}")
+
+
+def check_stage(recipe: str, index: int, stage: str, settings: Any) -> dict[str, Any]:
+    """Validate one stage's settings against its dataclass; returns the settings mapping."""
+    from workbench.stages import STAGES
+
+    if stage not in STAGES:
+        raise RecipeError(_where(recipe, f"stages[{index}]: unknown stage {stage!r}; stages: {', '.join(STAGES)}"))
+    settings = {} if settings is None else settings
+    if not isinstance(settings, dict):
+        raise RecipeError(_where(recipe, f"settings of stage {stage!r} must be a mapping, got {type(settings).__name__}"))
+    cls = STAGES[stage][1]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in settings.items():
+        if key not in fields:
+            raise RecipeError(_where(recipe, f"unknown field {key!r} in the settings of stage {stage!r}; "
+                                             f"allowed fields: {', '.join(fields)}"))
+        where = _where(recipe, f"{stage}.{key}")
+        _check_value(value, _expected(fields[key]), where)
+        if key.endswith("bits") and value is not None and not key.startswith("avg"):
+            _check_bits(value, where)
+        if key == "quant" and value is not None:
+            check_quant(value, where)
+    try:
+        cls(**settings)
+    except (ValueError, TypeError) as e:
+        raise RecipeError(_where(recipe, f"stage {stage!r}: {e}")) from None
+    return dict(settings)
+
+
+def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
+    """A validated Recipe from plain data (a parsed YAML file)."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"a recipe must be a mapping with fields {', '.join(TOP_FIELDS)} ({source or 'data'})")
+    name = str(data.get("name") or (Path(source).stem if source else "recipe"))
+    unknown = [k for k in data if k not in TOP_FIELDS]
+    if unknown:
+        raise RecipeError(_where(name, f"unknown field {unknown[0]!r}; allowed fields: {', '.join(TOP_FIELDS)}"))
+    for required in ("quant", "stages"):
+        if required not in data:
+            raise RecipeError(_where(name, f"missing field {required!r}"))
+    check_quant(data["quant"], _where(name, "quant"))
+    stages_data = data["stages"]
+    if not isinstance(stages_data, list) or not stages_data:
+        raise RecipeError(_where(name, "stages must be a non-empty list of {stage name: settings}"))
+    stages = []
+    for i, item in enumerate(stages_data):
+        if isinstance(item, str):
+            stage, settings = item, {}
+        elif isinstance(item, dict) and len(item) == 1:
+            stage, settings = next(iter(item.items()))
+        else:
+            raise RecipeError(_where(name, f"stages[{i}] must be a stage name or a one-key mapping "
+                                           "{stage name: settings}"))
+        stages.append((stage, check_stage(name, i, stage, settings)))
+    return Recipe(
+        name=name,
+        quant=dict(data["quant"]),
+        stages=stages,
+        method=str(data.get("method") or ""),
+        description=str(data.get("description") or "").strip(),
+        source=source,
+    )
+
+
+def run_recipe(model: Any, recipe: str | Path | Recipe, progress: bool = False, seed: int = 0):
+    """Run every stage of `recipe` on `model` in a new Session and return the session.
+
+    `model`: a TinyWorldModel (or anything `Session.start` takes). The apply_quantization stage gets the
+    recipe's quant section unless its settings carry their own; the analysis stage probes with it too.
+    """
+    from tqdm.auto import tqdm
+
+    from workbench.session import Session
+    from workbench.stages import STAGES
+
+    recipe = load_recipe(recipe)
+    session = Session.start(model, seed=seed, progress=progress)
+    session.recipe = {"name": recipe.name, "recipe": recipe.to_dict()}
+    for stage, settings in tqdm(recipe.stages, desc=f"recipe {recipe.name}", disable=not progress):
+        fn, cls = STAGES[stage]
+        kwargs = dict(settings)
+        if stage == "apply_quantization" and kwargs.get("quant") is None:
+            kwargs["quant"] = recipe.quant
+        fn(session, cls(**kwargs))
+    return session
+
+
+__all__ = ["Recipe", "RecipeError", "list_recipes", "load_recipe", "recipe_from_dict", "run_recipe"]

@@ -1,0 +1,431 @@
+"""Calibration data: full-precision sampling trajectories whose transformer calls later stages replay.
+
+`collect_calibration(session, settings)` samples videos for a prompt set drawn from the training
+scenes (`workbench.world.grammar.training_scenes()`, never the held-out evaluation prompts) with the
+FP model, and stores, per sampling step, the exact inputs of the transformer call: the latents (with
+the time channel), the timestep and the text embeddings (conditional and, with guidance, the null
+prompt's). `CalibrationCache.replay(transformer)` feeds them to any transformer, so range
+calibration, channel balancing and error analysis all see the inputs the FP model sees on its way
+from noise to video.
+
+Memory: the cache holds `n_prompts x 2 (guidance) x steps` latents of C x F x H x W float32 values plus
+text embeddings; the bundled model needs about 0.26 MB per prompt and step (8 prompts x 8 steps = 17 MB).
+`max_mb` bounds it: when the planned cache would exceed it, fewer, evenly spaced steps are kept
+(reported in the stage summary as `kept_steps`). Optional per-layer input activations
+(`layer_inputs=True`) keep at most `layer_rows` random token rows per layer (all steps together), so
+they cost `layer_rows x in_features x 4` bytes per layer and also count against `max_mb`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from workbench.session import Session
+from workbench.stages.report import StageReport
+
+
+# ----------------------------------------------------------------------------------------------------
+# the cache
+
+
+def _nbytes(x: Any) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(v) for v in x)
+    if isinstance(x, dict):
+        return sum(_nbytes(v) for v in x.values())
+    return 0
+
+
+def _to_cpu(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu").clone()
+    if isinstance(x, tuple):
+        return tuple(_to_cpu(v) for v in x)
+    if isinstance(x, list):
+        return [_to_cpu(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _to_cpu(v) for k, v in x.items()}
+    return x
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, tuple):
+        return tuple(_to(v, device) for v in x)
+    if isinstance(x, list):
+        return [_to(v, device) for v in x]
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+def _rows(x: Any, batch: int, idx: torch.Tensor) -> Any:
+    """x with its batch dimension (dim 0 of size `batch`) reduced to rows `idx`; other values unchanged."""
+    if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch:
+        return x[idx]
+    if isinstance(x, tuple):
+        return tuple(_rows(v, batch, idx) for v in x)
+    if isinstance(x, list):
+        return [_rows(v, batch, idx) for v in x]
+    if isinstance(x, dict):
+        return {k: _rows(v, batch, idx) for k, v in x.items()}
+    return x
+
+
+@dataclass
+class CalibrationEntry:
+    """One recorded transformer call: positional args and kwargs exactly as the sampler passed them."""
+
+    step: int  # sampling step index within its trajectory
+    timestep: float
+    args: tuple
+    kwargs: dict
+    batch: int  # rows in the call (prompts x 2 with classifier-free guidance)
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.args) + _nbytes(self.kwargs)
+
+    def rows(self, n: int | None) -> CalibrationEntry:
+        """This call restricted to n rows spread evenly over the batch (None or >= batch: all rows).
+
+        With guidance the batch is [conditional..., unconditional...], so two rows give one of each.
+        """
+        if n is None or n >= self.batch:
+            return self
+        idx = torch.linspace(0, self.batch - 1, n).round().long().unique()
+        return CalibrationEntry(self.step, self.timestep, _rows(self.args, self.batch, idx),
+                                _rows(self.kwargs, self.batch, idx), int(idx.numel()))
+
+
+@dataclass
+class CalibrationCache:
+    """Recorded transformer inputs along FP sampling trajectories (see module docstring)."""
+
+    entries: list[CalibrationEntry] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    steps: int = 0
+    guidance: float = 0.0
+    layer_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (rows, in_features)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries) + _nbytes(self.layer_inputs)
+
+    @property
+    def timesteps(self) -> list[float]:
+        """Distinct recorded timesteps, largest (noisiest) first."""
+        return sorted({e.timestep for e in self.entries}, reverse=True)
+
+    def select(self, n: int | None = None, rows: int | None = None) -> list[CalibrationEntry]:
+        """n entries spread evenly over the recorded timesteps (None: all), each cut to `rows` rows."""
+        entries = sorted(self.entries, key=lambda e: (-e.timestep, e.step))
+        if n is not None and n < len(entries):
+            idx = torch.linspace(0, len(entries) - 1, n).round().long().unique().tolist()
+            entries = [entries[i] for i in idx]
+        return [e.rows(rows) for e in entries]
+
+    @torch.no_grad()
+    def replay(
+        self,
+        transformer: nn.Module,
+        entries: list[CalibrationEntry] | None = None,
+        progress: bool = False,
+        desc: str = "replaying calibration",
+    ) -> list[torch.Tensor]:
+        """Run `transformer` on the recorded inputs; returns its first output per entry (on the CPU)."""
+        entries = self.entries if entries is None else entries
+        device = next(transformer.parameters()).device
+        outs = []
+        for e in tqdm(entries, desc=desc, disable=not progress, leave=False):
+            out = transformer(*_to(e.args, device), **_to(e.kwargs, device))
+            out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
+            outs.append(out.detach().float().cpu())
+        return outs
+
+    def runner(self, transformer: nn.Module, entries: list[CalibrationEntry] | None = None) -> Callable[[], None]:
+        """A no-argument function replaying the cache through `transformer` (for `calibrate_model`)."""
+        return lambda: self.replay(transformer, entries)
+
+    def __repr__(self) -> str:
+        return (f"CalibrationCache({len(self.prompts)} prompts, {len(self.entries)} calls, "
+                f"{len(self.timesteps)} timesteps, {self.nbytes / 2**20:.1f} MB"
+                + (f", layer inputs of {len(self.layer_inputs)} layers" if self.layer_inputs else "") + ")")
+
+
+# ----------------------------------------------------------------------------------------------------
+# hooks
+
+
+@contextmanager
+def recording_calls(transformer: nn.Module, sink: Callable[[tuple, dict], None]) -> Iterator[None]:
+    """Call `sink(args, kwargs)` with every forward call's inputs of `transformer` while the block runs."""
+
+    def hook(module, args, kwargs):  # noqa: ANN001
+        sink(args, kwargs)
+
+    handle = transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def capturing_inputs(model: nn.Module, names: list[str], fn: Callable[[str, torch.Tensor, torch.Tensor], None]) -> Iterator[None]:
+    """Call `fn(name, input, output)` for every forward of the named submodules while the block runs."""
+    handles = []
+    for name in names:
+        module = model.get_submodule(name)
+
+        def hook(mod, args, output, name=name):  # noqa: ANN001
+            fn(name, args[0], output)
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ----------------------------------------------------------------------------------------------------
+# prompts
+
+
+def calibration_prompts(n: int, seed: int = 0) -> list[str]:
+    """n prompts from the training scenes (disjoint from the held-out set), seeded, covering every word
+    of the grammar as early as possible (greedy: each pick adds the most unseen words)."""
+    from workbench.world.grammar import training_scenes
+
+    scenes = training_scenes()
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(scenes), generator=g).tolist()
+    pool = [scenes[i] for i in order]
+    seen: set[tuple[str, str]] = set()
+    out = []
+    while pool and len(out) < n:
+        best = max(range(len(pool)), key=lambda i: len({(k, v) for k, v in pool[i].as_dict().items()} - seen))
+        s = pool.pop(best)
+        seen |= set(s.as_dict().items())
+        out.append(s.prompt)
+    return out
+
+
+def _check_prompts(prompts: list[str]) -> None:
+    from workbench.world.grammar import heldout_scenes, parse_prompt
+
+    held = {s for s in heldout_scenes()}
+    bad = [p for p in prompts if parse_prompt(p) in held]
+    if bad:
+        raise ValueError(
+            f"calibration prompts must not come from the held-out evaluation set; {bad[0]!r} is held out. "
+            "Use prompts of workbench.world.grammar.training_scenes()"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# the stage
+
+
+@dataclass
+class CalibrationSettings:
+    """Which trajectories to record.
+
+    prompts: number of training-scene prompts (ignored when `prompt_list` is given).
+    prompt_list: explicit prompts (must not be held-out ones).
+    steps / guidance: sampler settings of the trajectories.
+    batch_size: prompts per sampling call.
+    max_mb: memory bound of the cache (see module docstring).
+    layer_inputs: also keep a bounded sample of every quantizable linear layer's input activations.
+    layer_rows: rows (tokens) kept per layer when layer_inputs is set.
+    seed_offset: trajectory i starts from noise seed `session.seed + seed_offset + i` (the held-out
+        evaluation uses seeds 0..N-1, so the default keeps them apart).
+    """
+
+    prompts: int = 8
+    prompt_list: list[str] | None = None
+    steps: int = 8
+    guidance: float = 3.0
+    batch_size: int = 8
+    max_mb: float = 256.0
+    layer_inputs: bool = False
+    layer_rows: int = 1024
+    seed_offset: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.prompt_list is None and self.prompts < 1:
+            raise ValueError(f"prompts must be >= 1, got {self.prompts}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.max_mb <= 0:
+            raise ValueError(f"max_mb must be > 0, got {self.max_mb}")
+        if self.batch_size < 1 or self.layer_rows < 1:
+            raise ValueError("batch_size and layer_rows must be >= 1")
+
+
+def _kept_steps(steps: int, keep: int) -> set[int]:
+    if keep >= steps:
+        return set(range(steps))
+    return set(torch.linspace(0, steps - 1, keep).round().long().tolist())
+
+
+def collect_calibration(session: Session, settings: CalibrationSettings | None = None) -> StageReport:
+    """Record FP sampling trajectories (transformer inputs per step) into `session.calibration`."""
+    s = settings or CalibrationSettings()
+    session.require_generator("collect_calibration")
+    t0 = time.perf_counter()
+    model = session.fp_model
+    prompts = list(s.prompt_list) if s.prompt_list is not None else calibration_prompts(s.prompts, session.seed)
+    _check_prompts(prompts)
+    seeds = [session.seed + s.seed_offset + i for i in range(len(prompts))]
+    cache = CalibrationCache(prompts=prompts, seeds=seeds, steps=s.steps, guidance=s.guidance)
+    budget = int(s.max_mb * 2**20)
+    n_batches = math.ceil(len(prompts) / s.batch_size)
+    keep: set[int] = set(range(s.steps))
+    notes: list[str] = []
+
+    def sink(args: tuple, kwargs: dict) -> None:
+        nonlocal keep
+        step = len(calls)
+        calls.append(None)
+        entry = CalibrationEntry(step, 0.0, _to_cpu(args), _to_cpu({k: v for k, v in kwargs.items()}), 0)
+        ts = _find_timestep(entry)
+        entry.timestep = ts
+        entry.batch = _batch_of(entry)
+        if not cache.entries and step == 0:
+            # plan the memory: every batch records `steps` calls of about this size
+            per = max(entry.nbytes, 1)
+            fit = max(1, budget // (per * n_batches))
+            if fit < s.steps:
+                keep = _kept_steps(s.steps, fit)
+                notes.append(f"max_mb={s.max_mb} keeps {len(keep)} of {s.steps} steps per trajectory")
+        if step in keep and cache.nbytes + entry.nbytes <= budget:
+            cache.entries.append(entry)
+
+    transformer = session.fp_transformer
+    batches = range(0, len(prompts), s.batch_size)
+    for i in tqdm(batches, desc="calibration trajectories", disable=not session.progress, leave=False):
+        calls: list[None] = []
+        with recording_calls(transformer, sink):
+            model.generate_many(prompts[i:i + s.batch_size], seeds[i:i + s.batch_size], steps=s.steps, guidance=s.guidance)
+    if s.layer_inputs:
+        collect_layer_inputs(session, rows=s.layer_rows, cache=cache, max_bytes=budget - cache.nbytes)
+    session.calibration = cache
+
+    # statistics of what was recorded, per timestep
+    per_step: dict[float, list[CalibrationEntry]] = {}
+    for e in cache.entries:
+        per_step.setdefault(e.timestep, []).append(e)
+    rows = []
+    for t in sorted(per_step, reverse=True):
+        es = per_step[t]
+        x = torch.cat([_hidden_states(e).float().flatten() for e in es])
+        rows.append({
+            "step": es[0].step, "timestep": float(t), "calls": len(es), "rows": sum(e.batch for e in es),
+            "latent_std": float(x.std()), "latent_absmax": float(x.abs().max()),
+            "mb": sum(e.nbytes for e in es) / 2**20,
+        })
+    report = StageReport(
+        name="collect_calibration",
+        settings=asdict(s),
+        summary={
+            "prompts": len(prompts), "calls": len(cache.entries), "timesteps": len(cache.timesteps),
+            "kept_steps": len(keep), "mb": cache.nbytes / 2**20, "layers_with_inputs": len(cache.layer_inputs),
+        },
+        tables={"timesteps": rows, "prompts": [{"prompt": p, "seed": sd} for p, sd in zip(prompts, seeds)]},
+        notes=notes,
+        seconds=time.perf_counter() - t0,
+    )
+    return session.add(report)
+
+
+def calibration_from_inputs(session: Session, inputs: list[dict[str, Any]], timestep_arg: str = "timestep") -> CalibrationCache:
+    """A calibration cache from explicit forward kwargs (models that cannot sample here, e.g. a bare
+    diffusers transformer); each dict is one call `transformer(**kwargs)`."""
+    cache = CalibrationCache(steps=len(inputs))
+    for i, kw in enumerate(inputs):
+        kw = _to_cpu(dict(kw))
+        entry = CalibrationEntry(i, 0.0, (), kw, 0)
+        t = kw.get(timestep_arg)
+        entry.timestep = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t or 0.0)
+        entry.batch = _batch_of(entry)
+        cache.entries.append(entry)
+    session.calibration = cache
+    return cache
+
+
+def _hidden_states(e: CalibrationEntry) -> torch.Tensor:
+    if e.args:
+        return e.args[0]
+    return e.kwargs.get("hidden_states", next(v for v in e.kwargs.values() if isinstance(v, torch.Tensor)))
+
+
+def _batch_of(e: CalibrationEntry) -> int:
+    return int(_hidden_states(e).shape[0])
+
+
+def _find_timestep(e: CalibrationEntry) -> float:
+    t = e.kwargs.get("timestep", e.args[1] if len(e.args) > 1 else None)
+    if isinstance(t, torch.Tensor):
+        return float(t.flatten()[0])
+    return float(t) if t is not None else 0.0
+
+
+def quantizable_layers(session: Session) -> list[str]:
+    """Names of the FP transformer's nn.Linear layers (adapter order)."""
+    from workbench.models.adapters import linear_layers
+
+    return list(linear_layers(session.fp_transformer))
+
+
+@torch.no_grad()
+def collect_layer_inputs(
+    session: Session,
+    names: list[str] | None = None,
+    rows: int = 1024,
+    cache: CalibrationCache | None = None,
+    max_bytes: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Replay the calibration through the FP transformer and keep, per layer, `rows` random input rows
+    (tokens, all timesteps pooled; a uniform reservoir sample). Stored in `cache.layer_inputs`."""
+    cache = cache or session.calibration
+    if cache is None or not cache.entries:
+        raise ValueError("no calibration data: run collect_calibration(session) first")
+    names = names or quantizable_layers(session)
+    g = session.rng(7)
+    kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def fn(name: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        m = x.detach().reshape(-1, x.shape[-1]).float().cpu()
+        keys = torch.rand(m.shape[0], generator=g)
+        if name in kept:
+            old, old_keys = kept[name]
+            m, keys = torch.cat([old, m]), torch.cat([old_keys, keys])
+        if m.shape[0] > rows:
+            keys, idx = keys.topk(rows, largest=False)
+            m = m[idx]
+        kept[name] = (m, keys)
+
+    with capturing_inputs(session.fp_transformer, names, fn):
+        cache.replay(session.fp_transformer, progress=session.progress, desc="layer inputs")
+    out = {n: v[0] for n, v in kept.items()}
+    if max_bytes is not None and _nbytes(out) > max_bytes:
+        raise ValueError(
+            f"layer inputs need {_nbytes(out) / 2**20:.1f} MB, more than the {max_bytes / 2**20:.1f} MB left under "
+            "max_mb; lower layer_rows or raise max_mb"
+        )
+    cache.layer_inputs.update(out)
+    return out
