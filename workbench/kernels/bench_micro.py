@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """H100 check + benchmark for workbench.kernels (torch 2.11, triton 3.6; no diffusers needed).
 
-  python scripts/gpu_kernels_bench.py            # checks + full benchmark (~3-4 min cold, faster warm)
-  python scripts/gpu_kernels_bench.py --quick    # fewer variants
-  OUT=/some/dir python scripts/gpu_kernels_bench.py   # also writes gpu_kernels_bench.{md,json} there
+  python -m workbench.kernels.bench_micro            # checks + full benchmark (~3-4 min cold, faster warm)
+  python -m workbench.kernels.bench_micro --quick    # fewer variants
+  OUT=/some/dir python -m workbench.kernels.bench_micro   # also writes gpu_kernels_bench.{md,json} there
+  (`workbench bench` runs this and the end-to-end benchmark and writes docs/benchmarks.md)
 
 (i) checks every Triton kernel against its reference on the GPU (prints max abs / relative error;
 prints a FAILED banner and exits 1 at the end if any check is out of tolerance), then (ii) times
@@ -25,8 +26,6 @@ import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -559,7 +558,7 @@ def tuned_configs() -> Dict[str, Optional[str]]:
     return out
 
 
-def main() -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     """Entry point."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer variants and shorter timing")
@@ -569,7 +568,7 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=225.0, help="seconds after which remaining timings are skipped")
     ap.add_argument("--dry-run-cpu", action="store_true",
                     help="exercise this script on CPU with tiny shapes in the Triton interpreter (no timings)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     global DEV, DRY
     if args.dry_run_cpu:
         os.environ["TRITON_INTERPRET"] = "1"   # before any triton import

@@ -1,0 +1,88 @@
+"""The end-to-end benchmark's logic on the CPU reference path (the GPU run uses the same code)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from workbench.bench import targets
+from workbench.kernels import bench_e2e, dispatch
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+def test_swap_ours_replaces_block_linears_and_fuses_gelu():
+    case = bench_e2e.cases(dry=True)[1]  # tiny Wan
+    model = bench_e2e.build(case, torch.device("cpu"), torch.float32)
+    n_block = sum(1 for name, m in model.named_modules()
+                  if isinstance(m, torch.nn.Linear) and bench_e2e.block_linear(name, m))
+    n = bench_e2e.swap_ours(model, "w8a8")
+    assert n == n_block
+    fused = [m for m in model.modules() if isinstance(m, bench_e2e._FusedGELU)]
+    assert len(fused) == case.config["num_layers"] and fused[0].proj.activation == "gelu_tanh"
+    assert not any(isinstance(m, torch.nn.Linear) and bench_e2e.block_linear(name, m) for name, m in model.named_modules())
+
+
+def test_run_case_measures_error_and_routes_attention():
+    case = bench_e2e.cases(dry=True)[1]
+    variants = [v for v in bench_e2e.VARIANTS if v.name in ("bf16 eager", "ours W8A8 + qattn", "ours W4A8")]
+    rows = bench_e2e.run_case(case, variants, torch.device("cpu"), torch.float32, warmup=1, log=lambda m: None,
+                              min_attn_tokens=16)
+    by = {r.variant: r for r in rows}
+    assert all(r.error is None for r in rows), [r.error for r in rows]
+    assert by["bf16 eager"].rel_err == 0.0 and by["bf16 eager"].speedup_vs_eager == pytest.approx(1.0)
+    assert 0 < by["ours W8A8 + qattn"].rel_err < 0.05 and by["ours W8A8 + qattn"].qattn_calls == case.config["num_layers"]  # self-attention only
+    assert by["ours W8A8 + qattn"].rel_err < by["ours W4A8"].rel_err  # 4-bit weights cost more than 8-bit
+    assert by["ours W4A8"].weight_gib < 0.5 * by["bf16 eager"].weight_gib
+    md = bench_e2e.markdown(rows)
+    assert md.count("\n") == len(rows) + 1 and "ours W4A8" in md
+
+
+def test_quantized_attention_context_restores_sdpa():
+    orig = torch.nn.functional.scaled_dot_product_attention
+    q = torch.randn(1, 2, 32, 64)
+    with bench_e2e.quantized_attention(min_tokens=16) as patched:
+        out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        short = torch.nn.functional.scaled_dot_product_attention(q[:, :, :8], q[:, :, :8], q[:, :, :8])
+    assert torch.nn.functional.scaled_dot_product_attention is orig
+    assert patched.calls == 1  # the 8-token call stayed on SDPA
+    ref = orig(q, q, q)
+    assert (out - ref).norm() / ref.norm() < 0.03
+    assert torch.equal(short, orig(q[:, :, :8], q[:, :, :8], q[:, :, :8]))
+
+
+def test_targets_compare_against_the_right_baselines():
+    micro = [
+        dict(group="M", shape="ff1", method="ours W8A8 (incl. act quant)", ms=1.0, speedup=1.7),
+        dict(group="M", shape="ff1", method="ours FP8 (incl. act quant)", ms=1.0, speedup=1.9),
+        dict(group="M", shape="qkv", method="ours FP8 (incl. act quant)", ms=1.0, speedup=1.2),
+        dict(group="M", shape="attn B=1 H=30 N=17776 D=64", method="ours int8 QK", ms=1.0, speedup=2.0, rel_err=0.02),
+    ]
+    e2e = [dict(model="X", variant="bf16 eager", ms=100.0, weight_gib=4.0),
+           dict(model="X", variant="bf16 torch.compile", ms=90.0, weight_gib=4.0),
+           dict(model="X", variant="torchao fp8 row-wise, compiled", ms=60.0, weight_gib=2.0),
+           dict(model="X", variant="ours W4A8", ms=55.0, weight_gib=1.1),
+           dict(model="X", variant="ours FP8 + qattn", ms=45.0, weight_gib=2.0)]
+    lin = next(x for x in targets(micro, e2e) if x["target"].startswith("W8A8/FP8"))
+    assert not lin["met"] and "qkv: 1.20x" in lin["measured"] and "ff1: 1.90x" in lin["measured"]
+    att = next(x for x in targets(micro, e2e) if x["target"].startswith("quantized attention"))
+    assert att["met"]
+    e2 = next(x for x in targets(micro, e2e) if "end to end" in x["target"])
+    assert e2["met"] and "ours FP8 + qattn" in e2["measured"]  # 90/45 = 2.0x and faster than torchao's 60 ms
+    mem = next(x for x in targets(micro, e2e) if "W4A8 weight" in x["target"])
+    assert mem["met"] and "0.275x" in mem["measured"]  # 1.1 / 4.0 GiB
+
+
+def test_bench_needs_a_gpu_or_dry_run(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from workbench.cli import main
+
+    assert main(["bench", "--skip-micro"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err

@@ -1,0 +1,381 @@
+"""End-to-end transformer forward benchmark: bf16 eager/compiled, torchao, and our kernels, side by side.
+
+    python -m workbench.kernels.bench_e2e                     # GPU: CogVideoX-2B and Wan2.1-1.3B configs
+    python -m workbench.kernels.bench_e2e --dry-run-cpu       # tiny configs on the CPU reference path
+
+Every variant runs the same randomly initialised transformer (one seed) on the same inputs, so the
+output error against bf16 eager measures the quantization alone. "ours" swaps the blocks' linears for
+`W8A8Linear` / `FP8Linear` / `W4A8Linear` (GELU fused into the first FFN GEMM's epilogue) and, with
+"+qattn", routes self-attention through the SageAttention-style `quant_attention`. Compiled variants
+compile each transformer block (regional compilation: one compile serves all identical blocks); our
+Triton calls stay outside the traced graphs (`torch.compiler.disable`), so Inductor fuses the norms,
+modulation and RoPE between them.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import os
+import statistics
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from workbench.kernels import dispatch
+
+# Public configs of the two reference models (transformer/config.json of THUDM/CogVideoX-2b and
+# Wan-AI/Wan2.1-T2V-1.3B-Diffusers); weights are random, shapes and FLOPs are the real ones.
+COGVIDEOX_2B = dict(
+    num_attention_heads=30, attention_head_dim=64, in_channels=16, out_channels=16, flip_sin_to_cos=True,
+    freq_shift=0, time_embed_dim=512, text_embed_dim=4096, num_layers=30, dropout=0.0, attention_bias=True,
+    sample_width=90, sample_height=60, sample_frames=49, patch_size=2, temporal_compression_ratio=4,
+    max_text_seq_length=226, activation_fn="gelu-approximate", timestep_activation_fn="silu",
+    norm_elementwise_affine=True, norm_eps=1e-5, spatial_interpolation_scale=1.875,
+    temporal_interpolation_scale=1.0, use_rotary_positional_embeddings=False,
+    use_learned_positional_embeddings=False,
+)
+WAN_1_3B = dict(
+    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+)
+
+
+@dataclass
+class ModelCase:
+    """One end-to-end case: diffusers class, config and input shapes (latent space, batch 1)."""
+
+    name: str
+    cls: str
+    config: dict
+    latent: tuple[int, ...]  # CogVideoX: (B, F, C, H, W); Wan: (B, C, F, H, W)
+    text_tokens: int
+    tokens: int
+    iters: int = 8
+
+
+def cases(dry: bool = False) -> list[ModelCase]:
+    """The two benchmark cases; tiny versions of the same classes for the CPU dry run."""
+    if dry:
+        cog = {**COGVIDEOX_2B, "num_attention_heads": 2, "attention_head_dim": 64, "num_layers": 2,
+               "text_embed_dim": 128, "time_embed_dim": 32, "sample_frames": 5, "sample_height": 8,
+               "sample_width": 8, "max_text_seq_length": 8}
+        wan = {**WAN_1_3B, "num_attention_heads": 2, "attention_head_dim": 64, "num_layers": 2, "text_dim": 128,
+               "freq_dim": 32, "ffn_dim": 256, "rope_max_seq_len": 64}
+        return [ModelCase("CogVideoX (tiny)", "CogVideoXTransformer3DModel", cog, (1, 2, 16, 8, 8), 8, 2 * 16 + 8, 2),
+                ModelCase("Wan (tiny)", "WanTransformer3DModel", wan, (1, 16, 2, 8, 8), 8, 2 * 16, 2)]
+    return [
+        ModelCase("CogVideoX-2B 49x480x720", "CogVideoXTransformer3DModel", COGVIDEOX_2B, (1, 13, 16, 60, 90), 226,
+                  13 * 30 * 45 + 226, 8),
+        ModelCase("Wan2.1-1.3B 81x480x832", "WanTransformer3DModel", WAN_1_3B, (1, 16, 21, 60, 104), 512,
+                  21 * 30 * 52, 5),
+    ]
+
+
+def build(case: ModelCase, device: torch.device, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    """The case's transformer with seeded random weights, in eval mode."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = getattr(diffusers, case.cls)(**case.config)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def inputs(case: ModelCase, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded latents, text states and a mid-trajectory timestep."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    text_dim = case.config.get("text_embed_dim", case.config.get("text_dim"))
+    x = torch.randn(case.latent, generator=g).to(device, dtype)
+    text = torch.randn(1, case.text_tokens, text_dim, generator=g).to(device, dtype)
+    return {"hidden_states": x, "encoder_hidden_states": text,
+            "timestep": torch.tensor([500], device=device, dtype=torch.long), "return_dict": False}
+
+
+def block_linear(name: str, linear: nn.Linear) -> bool:
+    """The linears we quantize: those inside transformer blocks, except AdaLN modulation (one row per video)."""
+    return "blocks." in name and ".norm" not in name and linear.in_features % 128 == 0
+
+
+class _FusedGELU(nn.Module):
+    """diffusers `GELU(approximate='tanh')` as one quantized GEMM with GELU in its epilogue."""
+
+    def __init__(self, qlinear: nn.Module):
+        super().__init__()
+        self.proj = qlinear
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.proj(x)
+
+
+def swap_ours(model: nn.Module, kind: str) -> int:
+    """Replace block linears with our kernel modules (kind: w8a8, fp8, w4a8); fuse tanh-GELU where it follows."""
+    from diffusers.models.activations import GELU
+
+    make = {"w8a8": dispatch.W8A8Linear.from_linear, "fp8": dispatch.FP8Linear.from_linear,
+            "w4a8": dispatch.W4A8Linear.from_linear}[kind]
+    n = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, GELU) and child.approximate == "tanh" and block_linear(full + ".proj", child.proj):
+                setattr(module, child_name, _FusedGELU(make(child.proj, activation="gelu_tanh")))
+                n += 1
+    n += dispatch.swap_linears(model, make, block_linear)
+    for m in model.modules():  # our kernels launch Triton directly; keep them out of Dynamo's graphs
+        if isinstance(m, (dispatch.W8A8Linear, dispatch.FP8Linear, dispatch.W4A8Linear)):
+            m.forward = torch.compiler.disable(m.forward)
+    return n
+
+
+def swap_torchao(model: nn.Module, kind: str) -> None:
+    """torchao's dynamic int8 or fp8 row-wise quantization of the same linears."""
+    from torchao.quantization import quantize_
+
+    if kind == "int8":
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig as Config
+
+        config = Config()
+    else:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and block_linear(fqn, m))
+
+
+@contextlib.contextmanager
+def quantized_attention(min_tokens: int = 1024) -> Iterator[None]:
+    """Route long self-attention SDPA calls (no mask, head_dim 64/128) through our quantized attention."""
+    orig = F.scaled_dot_product_attention
+    qattn = torch.compiler.disable(dispatch.quant_attention)
+
+    def patched(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):  # noqa: ANN001
+        if (attn_mask is None and not is_causal and dropout_p == 0.0 and not any(kw.values()) and query.shape[-1] in (64, 128)
+                and query.shape[-2] >= min_tokens and key.shape[-2] >= min_tokens):
+            patched.calls += 1
+            return qattn(query, key, value, sm_scale=scale)
+        return orig(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
+
+    patched.calls = 0
+
+    torch.nn.functional.scaled_dot_product_attention = patched
+    try:
+        yield patched
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = orig
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """Regional compilation: compile every transformer block in place (same code -> one compile)."""
+    blocks = getattr(model, "transformer_blocks", None) or getattr(model, "blocks")
+    for b in blocks:
+        b.compile()
+
+
+@dataclass
+class Variant:
+    name: str
+    quant: str | None = None  # ours: w8a8 / fp8 / w4a8; torchao: ao-int8 / ao-fp8
+    qattn: bool = False
+    compiled: bool = False
+
+
+VARIANTS = [
+    Variant("bf16 eager"),
+    Variant("bf16 torch.compile", compiled=True),
+    Variant("torchao int8 dynamic, compiled", "ao-int8", compiled=True),
+    Variant("torchao fp8 row-wise, compiled", "ao-fp8", compiled=True),
+    Variant("ours W8A8", "w8a8"),
+    Variant("ours W8A8 + qattn", "w8a8", qattn=True),
+    Variant("ours W8A8 + qattn, compiled", "w8a8", qattn=True, compiled=True),
+    Variant("ours FP8", "fp8"),
+    Variant("ours FP8 + qattn", "fp8", qattn=True),
+    Variant("ours FP8 + qattn, compiled", "fp8", qattn=True, compiled=True),
+    Variant("ours W4A8", "w4a8"),
+    Variant("ours W4A8 + qattn", "w4a8", qattn=True),
+    Variant("ours W4A8 + qattn, compiled", "w4a8", qattn=True, compiled=True),
+    Variant("bf16 + qattn, compiled", qattn=True, compiled=True),
+]
+
+
+@dataclass
+class Row:
+    model: str
+    variant: str
+    ms: float | None = None
+    peak_gib: float | None = None
+    weight_gib: float | None = None
+    rel_err: float | None = None
+    speedup_vs_eager: float | None = None
+    speedup_vs_compiled: float | None = None
+    error: str | None = None
+    qattn_calls: int = 0
+    times_ms: list[float] = field(default_factory=list)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn: Callable[[], Any], iters: int, device: torch.device) -> list[float]:
+    out = []
+    for _ in range(iters):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def run_case(case: ModelCase, variants: list[Variant], device: torch.device, dtype: torch.dtype,
+             warmup: int = 2, budget_s: float | None = None, log: Callable[[str], None] = print,
+             min_attn_tokens: int = 1024) -> list[Row]:
+    """Time every variant on one case; a variant that fails or runs past the budget becomes an error row."""
+    t_start = time.time()
+    base = build(case, device, dtype)
+    x = inputs(case, device, dtype)
+    ref = base(**x)[0].float()
+    rows: list[Row] = []
+    for v in variants:
+        row = Row(case.name, v.name)
+        rows.append(row)
+        if budget_s is not None and time.time() - t_start > budget_s:
+            row.error = "skipped: time budget exhausted"
+            continue
+        model = None
+        try:
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            before = _allocated(device)
+            model = copy.deepcopy(base)
+            if v.quant in ("w8a8", "fp8", "w4a8"):
+                swap_ours(model, v.quant)
+            elif v.quant in ("ao-int8", "ao-fp8"):
+                swap_torchao(model, v.quant[3:])
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            row.weight_gib = (_allocated(device) - before) / 2**30 if device.type == "cuda" else \
+                sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())) / 2**30
+            if v.compiled:
+                compile_blocks(model)
+            ctx = quantized_attention(min_attn_tokens) if v.qattn else contextlib.nullcontext()
+            with ctx as patched, torch.inference_mode():  # patched: the SDPA wrapper (None without qattn)
+                t0 = time.time()
+                for _ in range(warmup):
+                    out = model(**x)[0]
+                _sync(device)
+                log(f"  {v.name}: warm-up {time.time() - t0:.1f}s")
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                row.times_ms = _time(lambda: model(**x), case.iters, device)
+                if device.type == "cuda":
+                    row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+                if v.qattn:
+                    patched.calls = 0  # count the routed calls of one forward
+                out = model(**x)[0].float()
+                if v.qattn:
+                    row.qattn_calls = patched.calls
+                    if patched.calls == 0:
+                        raise RuntimeError("no attention call was routed to the quantized kernel")
+            if not torch.isfinite(out).all():
+                raise FloatingPointError("output has NaN/inf")
+            row.ms = statistics.median(row.times_ms)
+            row.rel_err = float((out - ref).norm() / ref.norm())
+            log(f"  {v.name}: {row.ms:.1f} ms, rel err {row.rel_err:.4f}")
+        except Exception as exc:  # noqa: BLE001 - one failing variant must not lose the table
+            row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            log(f"  {v.name}: FAILED {row.error}")
+            if os.environ.get("WORKBENCH_BENCH_TRACEBACK"):
+                traceback.print_exc()
+        finally:
+            del model
+            torch._dynamo.reset()
+    eager = next((r.ms for r in rows if r.variant == "bf16 eager" and r.ms), None)
+    compiled = next((r.ms for r in rows if r.variant == "bf16 torch.compile" and r.ms), None)
+    for r in rows:
+        if r.ms:
+            r.speedup_vs_eager = eager / r.ms if eager else None
+            r.speedup_vs_compiled = compiled / r.ms if compiled else None
+    del base, x, ref
+    return rows
+
+
+def markdown(rows: list[Row]) -> str:
+    """The end-to-end table (one row per model x variant)."""
+    def f(v: float | None, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    def x(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}x"
+
+    lines = ["| model | variant | median ms | vs bf16 eager | vs bf16 compiled | peak GiB | weights GiB | rel. error vs bf16 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r.error:
+            lines.append(f"| {r.model} | {r.variant} | {r.error} | | | | | |")
+            continue
+        lines.append(f"| {r.model} | {r.variant} | {f(r.ms, '.1f')} | {x(r.speedup_vs_eager)} | "
+                     f"{x(r.speedup_vs_compiled)} | {f(r.peak_gib, '.2f')} | {f(r.weight_gib, '.3f')} | "
+                     f"{f(r.rel_err, '.4f')} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry-run-cpu", action="store_true", help="tiny configs on the CPU reference path")
+    p.add_argument("--models", default=None, help="comma-separated substrings of case names to run")
+    p.add_argument("--variants", default=None, help="comma-separated exact variant names (default: all)")
+    p.add_argument("--budget", type=float, default=None, help="seconds per model after which variants are skipped")
+    p.add_argument("--out", default=os.environ.get("OUT"), help="folder for bench_e2e.{md,json}")
+    a = p.parse_args(argv)
+    dry = a.dry_run_cpu
+    if not dry and not torch.cuda.is_available():
+        raise SystemExit("the end-to-end benchmark needs a CUDA GPU; use --dry-run-cpu to check its logic on the CPU")
+    device = torch.device("cpu" if dry else "cuda")
+    dtype = torch.float32 if dry else torch.bfloat16
+    if not dry:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    variants = VARIANTS
+    if a.variants:
+        names = [s.strip() for s in a.variants.split(",")]
+        unknown = [n for n in names if n not in {v.name for v in VARIANTS}]
+        if unknown:
+            raise SystemExit(f"unknown variant(s) {unknown}; known: {[v.name for v in VARIANTS]}")
+        variants = [v for v in VARIANTS if v.name in names]
+    if dry:  # compiling and torchao are GPU matters; the dry run checks the swaps and the table
+        variants = [v for v in variants if not v.compiled and not (v.quant or "").startswith("ao-")]
+    rows: list[Row] = []
+    for case in cases(dry):
+        if a.models and not any(m.strip() in case.name for m in a.models.split(",")):
+            continue
+        print(f"{case.name}: {case.tokens} tokens", flush=True)
+        rows += run_case(case, variants, device, dtype, budget_s=a.budget, min_attn_tokens=16 if dry else 1024)
+    md = markdown(rows)
+    print(md)
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "bench_e2e.md"), "w") as fh:
+            fh.write(md + "\n")
+        with open(os.path.join(a.out, "bench_e2e.json"), "w") as fh:
+            json.dump([asdict(r) for r in rows], fh, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
