@@ -125,7 +125,7 @@ def run_bench(s: BenchSettings) -> dict[str, Any]:
     t0 = time.time()
     env = environment()
     micro_rows: list[dict] = []
-    micro_md = e2e_md = None
+    micro_md = None
     e2e_rows: list[dict] = []
     if not s.skip_micro:  # its own process: the Triton interpreter flag must precede any triton import
         with tempfile.TemporaryDirectory() as tmp:
@@ -143,16 +143,25 @@ def run_bench(s: BenchSettings) -> dict[str, Any]:
             micro_md = (Path(tmp) / "gpu_kernels_bench.md").read_text()
             if rc:
                 micro_md = "**Some kernel correctness checks FAILED (see the checks table).**\n\n" + micro_md
-    if not s.skip_e2e:
-        from workbench.kernels import bench_e2e
 
-        argv = (["--dry-run-cpu"] if s.dry_run_cpu else []) + (["--models", s.models] if s.models else []) + \
-               (["--variants", s.e2e_variants] if s.e2e_variants else []) + \
-               (["--budget", str(s.e2e_budget_s)] if s.e2e_budget_s else [])
-        e2e_rows = [asdict(r) for r in bench_e2e.main(argv + ["--out", ""])]
-        e2e_md = bench_e2e.markdown([bench_e2e.Row(**{k: v for k, v in r.items()}) for r in e2e_rows])
-    tgt = targets(micro_rows, e2e_rows)
-    write_markdown(out, env, tgt, micro_md, e2e_md, time.time() - t0)
-    result = {"env": env, "targets": tgt, "micro": micro_rows, "e2e": e2e_rows, "settings": asdict(s)}
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+    def write() -> dict[str, Any]:  # after every part, so a run cut short still leaves its tables
+        tgt = targets(micro_rows, e2e_rows)
+        e2e_md = bench_e2e.markdown([bench_e2e.Row(**r) for r in e2e_rows]) if e2e_rows else None
+        write_markdown(out, env, tgt, micro_md, e2e_md, time.time() - t0)
+        result = {"env": env, "targets": tgt, "micro": micro_rows, "e2e": e2e_rows, "settings": asdict(s)}
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+        return result
+
+    from workbench.kernels import bench_e2e
+
+    result = write()
+    if not s.skip_e2e:
+        names = [c.name for c in bench_e2e.cases(s.dry_run_cpu)]
+        wanted = [n for n in names if not s.models or any(m.strip() in n for m in s.models.split(","))]
+        for name in wanted:
+            argv = (["--dry-run-cpu"] if s.dry_run_cpu else []) + ["--models", name, "--out", ""] + \
+                   (["--variants", s.e2e_variants] if s.e2e_variants else []) + \
+                   (["--budget", str(s.e2e_budget_s)] if s.e2e_budget_s else [])
+            e2e_rows += [asdict(r) for r in bench_e2e.main(argv)]
+            result = write()
     return result
