@@ -1,9 +1,13 @@
-"""Run every quantization recipe on the bundled model and write docs/results.md (`make bench-quality`).
+"""Run quantization recipes on the bundled model and write docs/results.md (`make bench-quality`).
 
 Each recipe runs in its own Session (`workbench.recipes.run_recipe`), then `evaluate_quantized` scores
 it on the held-out prompt set with the same seeds as the full-precision run. Results are cached per
-recipe in out/bench_quality/ (keyed by the recipe's content and the evaluation settings), so an
-interrupted run resumes where it stopped; --fresh ignores the cache.
+recipe in out/bench_quality/, keyed by the recipe's content, the evaluation settings, the seed and a
+hash of the bundled weights, so a rerun only computes what changed (and an interrupted run resumes);
+--fresh ignores the cache. Every recipe of `list_recipes()` runs unless --recipes names a subset.
+
+Our section of the markdown file sits between BEGIN/END markers; text outside them (e.g. the ablation
+tables that scripts/bench_ablations.py appends) is kept when the section is rewritten.
 
     python scripts/bench_quality.py                       # all recipes, 16 held-out prompts, 16 steps
     python scripts/bench_quality.py --recipes naive-w8a8,vidit-q-w8a8 --out /tmp/results.md
@@ -21,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -30,7 +35,8 @@ from workbench.models import load_bundled  # noqa: E402
 from workbench.recipes import list_recipes, load_recipe, run_recipe  # noqa: E402
 from workbench.stages.ptq import weight_budget  # noqa: E402
 
-RECIPES = ["naive-w8a8", "vidit-q-w8a8", "naive-w4a8", "vidit-q-w4a8", "naive-w4a6", "vidit-q-w4a6", "naive-w3a6"]
+BEGIN = "<!-- bench-quality:begin (written by scripts/bench_quality.py; text outside these markers is kept) -->"
+END = "<!-- bench-quality:end -->"
 COLUMNS = ["oracle_accuracy", "exact_match", "psnr_vs_fp", "ssim_vs_fp", "temporal_consistency", "frechet_distance"]
 EXTRA = ["color_accuracy", "shape_accuracy", "direction_accuracy", "speed_accuracy"]
 
@@ -51,9 +57,35 @@ def machine() -> str:
             f"{os.cpu_count()} logical CPUs, torch {torch.__version__} with {threads} threads")
 
 
-def key_of(recipe, settings: EvalSettings, seed: int) -> str:
-    blob = json.dumps({"recipe": recipe.to_dict(), "eval": settings.__dict__, "seed": seed}, sort_keys=True, default=str)
+def weights_hash(model) -> str:
+    """sha256 over the model's weights (transformer and text encoder state dicts: names, shapes, values)."""
+    h = hashlib.sha256()
+    for part in (model.transformer, model.text_encoder):
+        for name, t in sorted(part.state_dict().items()):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def key_of(recipe, settings: EvalSettings, seed: int, weights: str) -> str:
+    """Cache key of one recipe's result: recipe content, evaluation settings, seed and weights hash."""
+    blob = json.dumps({"recipe": recipe.to_dict(), "eval": settings.__dict__, "seed": seed, "weights": weights},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def bits_of(name: str) -> tuple[int, int]:
+    """(weight bits, activation bits) from a recipe name ending in -wXaY, else (0, 0)."""
+    import re
+
+    m = re.search(r"-w(\d+)a(\d+)$", name)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def table_order(names: list[str]) -> list[str]:
+    """Rows grouped by bit-width (widest first), the naive baseline first within a group."""
+    return sorted(names, key=lambda n: (-bits_of(n)[0], -bits_of(n)[1], not n.startswith("naive"), n))
 
 
 def fmt(v) -> str:
@@ -65,16 +97,19 @@ def fmt(v) -> str:
 
 
 def checks(rows: dict[str, dict], fp: dict) -> list[str]:
-    """The issue's quality bar, evaluated on the measured rows."""
+    """The issue's quality bar on the measured rows: every vidit-q recipe against the naive recipe of the
+    same bit-width (psnr_vs_fp, oracle_accuracy), and vidit-q-w8a8's oracle accuracy drop vs FP."""
     out = []
-    for bits in ("w8a8", "w4a8", "w4a6"):
-        v, n = rows.get(f"vidit-q-{bits}"), rows.get(f"naive-{bits}")
-        if v is None or n is None:
+    for name in table_order(list(rows)):
+        if not name.startswith("vidit-q-"):
+            continue
+        bits = name[len("vidit-q-"):]
+        v, n = rows[name], rows.get(f"naive-{bits}")
+        if n is None:
             continue
         for k in ("psnr_vs_fp", "oracle_accuracy"):
-            ok = v[k] > n[k]
-            out.append(f"- {bits.upper()} {k}: vidit-q {fmt(v[k])} vs naive {fmt(n[k])}: "
-                       f"{'beats' if ok else 'does NOT beat'} naive")
+            verdict = "beats" if v[k] > n[k] else ("ties with" if v[k] == n[k] else "does NOT beat")
+            out.append(f"- {bits.upper()} {k}: vidit-q {fmt(v[k])} vs naive {fmt(n[k])}: {verdict} naive")
     v = rows.get("vidit-q-w8a8")
     if v is not None:
         drop = fp["oracle_accuracy"] - v["oracle_accuracy"]
@@ -82,16 +117,27 @@ def checks(rows: dict[str, dict], fp: dict) -> list[str]:
     return out
 
 
-def write_markdown(path: Path, fp: dict, rows: dict[str, dict], settings: EvalSettings, started: str, total_s: float) -> None:
+def model_line(model) -> str:
+    t = model.transformer
+    params = sum(p.numel() for p in t.parameters())
+    blocks = len(getattr(t, "blocks", []))
+    return f"bundled `{model.name}` ({type(t).__name__}, {blocks} blocks, {params / 1e6:.2f} M parameters)"
+
+
+def write_markdown(path: Path, fp: dict, rows: dict[str, dict], settings: EvalSettings, started: str,
+                   total_s: float, model: str, weights: str) -> None:
+    """Write our section of `path` between BEGIN / END, keeping any text of the file outside them."""
     head = ["recipe", *COLUMNS, "avg W bits", "quantize s", "eval s"]
+    rows = {n: rows[n] for n in table_order(list(rows))}
     lines = [
+        BEGIN,
         "# Quantization results on the bundled model",
         "",
         "Generated by `make bench-quality` (`python scripts/bench_quality.py`); do not edit by hand.",
         "",
         f"- date: {started} (total wall time {total_s / 60:.1f} min)",
         f"- machine: {machine()}",
-        f"- model: bundled `tiny-world` (WanTransformer3DModel, 6 blocks, 1.75 M parameters)",
+        f"- model: {model}, weights hash {weights}",
         f"- evaluation: {len(settings.prompts)} held-out prompts (`heldout_scenes()`), seeds {settings.seed}.."
         f"{settings.seed + len(settings.prompts) - 1} (same for FP and every recipe), {settings.steps} steps, "
         f"guidance {settings.guidance}",
@@ -117,25 +163,44 @@ def write_markdown(path: Path, fp: dict, rows: dict[str, dict], settings: EvalSe
         rec = load_recipe(name)
         lines.append(f"- `{name}` ({rec.method}): {rec.description}")
         lines.append(f"  stages: {' -> '.join(s for s, _ in rec.stages)}")
+    lines.append(END)
+    section = "\n".join(lines) + "\n"
+    before, after = "", ""
+    if path.exists():
+        old = path.read_text()
+        if BEGIN in old and END in old:
+            before, after = old[: old.index(BEGIN)], old[old.index(END) + len(END):].lstrip("\n")
+        else:
+            after = old  # a file we did not write: keep it below our section
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(before + section + ("\n" + after if after else ""))
+
+
+def log(msg: str) -> None:
+    tqdm.write(f"[bench] {msg}", file=sys.stdout)
+    sys.stdout.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated recipe names (default: all benchmarked)")
+    ap.add_argument("--recipes", default=None, help="comma-separated recipe names (default: every recipe of list_recipes())")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results.md"), help="markdown file to write")
-    ap.add_argument("--cache", default=str(ROOT / "out" / "bench_quality"), help="directory of per-recipe results (resume)")
+    ap.add_argument("--cache", default=str(ROOT / "out" / "bench_quality"), help="directory of per-recipe results")
     ap.add_argument("--fresh", action="store_true", help="ignore cached results")
     ap.add_argument("--steps", type=int, default=16, help="sampling steps of the evaluation")
     ap.add_argument("--prompts", type=int, default=None, help="use only the first N held-out prompts")
     ap.add_argument("--seed", type=int, default=0, help="seed of the first video and of the recipes")
     args = ap.parse_args(argv)
 
-    names = [n.strip() for n in args.recipes.split(",") if n.strip()]
-    unknown = [n for n in names if n not in list_recipes()]
-    if unknown:
-        print(f"error: unknown recipe {unknown[0]!r}; available: {', '.join(list_recipes())}", file=sys.stderr)
+    available = list_recipes()
+    names = available if args.recipes is None else [n.strip() for n in args.recipes.split(",") if n.strip()]
+    unknown = [n for n in names if n not in available]
+    if unknown or not names:
+        what = f"unknown recipe {unknown[0]!r}" if unknown else "no recipe named"
+        print(f"error: {what}; pass --recipes with names from: {', '.join(available)}", file=sys.stderr)
+        return 2
+    if args.steps < 1 or (args.prompts is not None and args.prompts < 1):
+        print("error: --steps and --prompts must be >= 1", file=sys.stderr)
         return 2
     settings = EvalSettings(seed=args.seed, steps=args.steps)
     if args.prompts:
@@ -145,31 +210,37 @@ def main(argv: list[str] | None = None) -> int:
     started = dt.datetime.now().astimezone().isoformat(timespec="seconds")
     t_all = time.perf_counter()
     model = load_bundled()
+    weights = weights_hash(model)
+    about = model_line(model)
 
-    fp_key = hashlib.sha256(json.dumps(settings.__dict__, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    fp_key = hashlib.sha256(json.dumps({"eval": settings.__dict__, "weights": weights}, sort_keys=True,
+                                       default=str).encode()).hexdigest()[:16]
     fp_file, fp_videos_file = cache / f"fp-{fp_key}.json", cache / f"fp-{fp_key}.pt"
     if fp_file.exists() and fp_videos_file.exists() and not args.fresh:
         fp = json.loads(fp_file.read_text())
         fp_videos = torch.load(fp_videos_file)
-        print(f"[bench] FP: cached ({fp_file.name})", flush=True)
+        log(f"FP: cached ({fp_file.name})")
     else:
-        print(f"[bench] FP: generating {len(settings.prompts)} videos ...", flush=True)
+        log(f"FP: generating {len(settings.prompts)} videos ...")
         t = time.perf_counter()
         fp, fp_videos = evaluate_fp(model, settings, progress=True)
         fp["eval_s"] = time.perf_counter() - t
         fp_file.write_text(json.dumps(fp, indent=1))
         torch.save(fp_videos, fp_videos_file)
-    print(f"[bench] FP oracle_accuracy {fp['oracle_accuracy']:.3f}", flush=True)
+    log(f"FP oracle_accuracy {fp['oracle_accuracy']:.3f}")
 
     rows: dict[str, dict] = {}
-    for i, name in enumerate(names, 1):
+    out = Path(args.out)
+    bar = tqdm(names, desc="recipes", unit="recipe")
+    for name in bar:
+        bar.set_postfix_str(name)
         recipe = load_recipe(name)
-        f = cache / f"{name}-{key_of(recipe, settings, args.seed)}.json"
+        f = cache / f"{name}-{key_of(recipe, settings, args.seed, weights)}.json"
         if f.exists() and not args.fresh:
             rows[name] = json.loads(f.read_text())
-            print(f"[bench] {i}/{len(names)} {name}: cached", flush=True)
+            log(f"{name}: cached ({f.name})")
             continue
-        print(f"[bench] {i}/{len(names)} {name}: running {len(recipe.stages)} stages ...", flush=True)
+        log(f"{name}: running {len(recipe.stages)} stages ...")
         t = time.perf_counter()
         session = run_recipe(model, recipe, progress=True, seed=args.seed)
         q_s = time.perf_counter() - t
@@ -178,15 +249,15 @@ def main(argv: list[str] | None = None) -> int:
         e_s = time.perf_counter() - t
         row = {**metrics, **weight_budget(session.qtransformer), "quantize_s": q_s, "eval_s": e_s,
                "stage_seconds": {r.name: r.seconds for r in session.reports}}
-        f.write_text(json.dumps(row, indent=1))
+        f.write_text(json.dumps(row, indent=1, default=float))
         rows[name] = row
-        print(f"[bench] {name}: oracle {row['oracle_accuracy']:.3f}, psnr {row['psnr_vs_fp']:.2f} dB, "
-              f"quantize {q_s:.0f} s, eval {e_s:.0f} s", flush=True)
-        write_markdown(Path(args.out), fp, rows, settings, started, time.perf_counter() - t_all)
-    write_markdown(Path(args.out), fp, rows, settings, started, time.perf_counter() - t_all)
-    print(f"[bench] wrote {args.out}", flush=True)
+        log(f"{name}: oracle {row['oracle_accuracy']:.3f}, psnr {row['psnr_vs_fp']:.2f} dB, "
+            f"quantize {q_s:.0f} s, eval {e_s:.0f} s")
+        write_markdown(out, fp, rows, settings, started, time.perf_counter() - t_all, about, weights)
+    write_markdown(out, fp, rows, settings, started, time.perf_counter() - t_all, about, weights)
+    log(f"wrote {out}")
     for line in checks(rows, fp):
-        print("[bench] " + line, flush=True)
+        log(line)
     return 0
 
 

@@ -68,6 +68,51 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_recipes(args) -> int:
+    from workbench.jobs import recipe_rows
+
+    rows = recipe_rows()
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['method']}: weights {r['weight']}, activations {r['act']}")
+        print(f"{'':<{width}}  stages: {' -> '.join(r['stages'])}")
+    print("run one: workbench quantize --recipe NAME --out DIR (or --recipe path/to/recipe.yaml)")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from workbench.jobs import quantize_recipe
+
+    out = quantize_recipe(args.recipe, args.out, force=args.force, seed=args.seed, progress=True)
+    print(f"wrote {out} (evaluate it: workbench eval {out} --json)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from workbench.jobs import EVAL_KEYS, evaluate_directory
+
+    metrics = evaluate_directory(args.dir, _settings(args), progress=not args.json)
+    if args.json:
+        print(json.dumps(metrics, allow_nan=False))
+    else:
+        for k in EVAL_KEYS:
+            fp = metrics.get(f"fp_{k}")
+            print(f"{k:>22}: {metrics.get(k)}" + ("" if fp is None else f"   (FP {fp})"))
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from workbench.jobs import analyze_recipe
+
+    path = analyze_recipe(args.recipe, args.out, force=args.force, seed=args.seed, prompts=args.prompts,
+                          steps=args.steps, progress=True)
+    print(f"wrote {path}")
+    return 0
+
+
 def _add_sampling(p: argparse.ArgumentParser, prompts: bool = True) -> None:
     p.add_argument("--model", default="tiny-world", help="bundled model name (default tiny-world)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first video; video i uses seed+i")
@@ -98,6 +143,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing report in --out")
     _add_sampling(p)
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("recipes", help="list the shipped quantization recipes")
+    p.add_argument("--json", action="store_true", help="print one JSON list")
+    p.set_defaults(fn=cmd_recipes)
+
+    p = sub.add_parser("quantize", help="run a recipe on the bundled model and save the quantized model")
+    p.add_argument("--recipe", required=True, help="recipe name (see `workbench recipes`) or a recipe YAML file")
+    p.add_argument("--out", required=True, help="output directory (must be empty unless --force)")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    p.add_argument("--seed", type=int, default=0, help="seed of calibration and analysis")
+    p.set_defaults(fn=cmd_quantize)
+
+    p = sub.add_parser("eval", help="measure a quantized model (from `workbench quantize`) against full precision")
+    p.add_argument("dir", help="directory written by `workbench quantize`")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first video; video i uses seed+i (FP uses the same)")
+    p.add_argument("--steps", type=int, default=16, help="sampling steps")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--prompts", default=None, help="file with one prompt a line (default: the held-out set)")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("analyze", help="error-source analysis under a recipe's quant config, as an HTML report")
+    p.add_argument("--recipe", required=True, help="recipe name (see `workbench recipes`) or a recipe YAML file")
+    p.add_argument("--out", required=True, help="output directory for analysis.html (must be empty unless --force)")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    p.add_argument("--seed", type=int, default=0, help="seed of calibration and the sensitivity videos")
+    p.add_argument("--prompts", type=int, default=2, help="generated prompts of the sensitivity analysis")
+    p.add_argument("--steps", type=int, default=8, help="sampling steps of the sensitivity videos")
+    p.set_defaults(fn=cmd_analyze)
     return ap
 
 
