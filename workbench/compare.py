@@ -1,12 +1,20 @@
 """FP vs quantized, one prompt at a time: the videos, their difference, metrics and per-layer error.
 
-This is what the Gradio app and the quickstart notebook show; quantized transformers are built once
-per recipe and kept in a `RecipeCache`.
+    from workbench.compare import RecipeCache, compare, QUICK
+    cache = RecipeCache(model, budget=QUICK)         # quantized transformers, built once per recipe
+    c = compare(model, cache, "W4A8", "a red circle moving left", seed=0, steps=8)
+    c.fp_video, c.q_video, c.diff_video, c.metrics, c.layer_errors
+
+This is what the Gradio app (`app.py`) and the quickstart notebook show. A bit-width label (W8A8, W4A8,
+W4A6, W3A6) names the recipe that quantizes to it (`BIT_WIDTHS`); any recipe name works too.
+A `CalibrationBudget` scales a recipe's calibration and analysis prompt sets down for interactive use
+(`QUICK`): the recipe's method and stages are unchanged, only the amount of FP data it sees.
 """
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -15,53 +23,166 @@ from workbench.models.bundled import TinyWorldModel
 from workbench.models.tiny_dit import with_time_channel
 from workbench.world.grammar import parse_prompt
 
-# The app's bit-width shortcuts: each names the recipe it runs.
-BIT_WIDTHS: dict[str, str] = {
-    "W8A8": "vidit-q-w8a8",
-    "W4A8": "vidit-q-w4a8",
-    "W4A6": "vidit-q-w4a6",
-    "W3A6": "naive-w3a6",
+# Bit-width shortcuts: each lists the recipes that quantize to it, best first; the first one shipped wins.
+BIT_WIDTH_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "W8A8": ("vidit-q-w8a8", "naive-w8a8"),
+    "W4A8": ("vidit-q-w4a8", "naive-w4a8"),
+    "W4A6": ("vidit-q-w4a6", "s2q-vdit-w4a6", "naive-w4a6"),
+    "W3A6": ("q-vdit-w3a6", "mpq-dmv2-w3a6", "naive-w3a6"),
 }
+
+
+def _bit_widths() -> dict[str, str]:
+    from workbench.recipes import list_recipes
+
+    shipped = set(list_recipes())
+    return {label: next((r for r in prefs if r in shipped), prefs[-1]) for label, prefs in BIT_WIDTH_PREFERENCE.items()}
+
+
+# The recipe each bit-width label runs (W8A8 -> vidit-q-w8a8, ...).
+BIT_WIDTHS: dict[str, str] = _bit_widths()
+
+
+def describe_prompt(text: str) -> str:
+    """One Markdown line: how the grammar reads a typed prompt, or what is wrong with it (the vocabulary)."""
+    from workbench.world.grammar import PromptError
+
+    try:
+        s = parse_prompt(text)
+    except PromptError as e:
+        return f"**Not a prompt of the world grammar:** {e}"
+    return f"Reads as: a {s.speed} {s.color} {s.shape} moving {s.direction}."
+
+
+def recipe_name(choice: str) -> str:
+    """The recipe a choice names: a bit-width label (`BIT_WIDTHS`) or a recipe name / path as is."""
+    return BIT_WIDTHS.get(choice, choice)
+
+
+@dataclass(frozen=True)
+class CalibrationBudget:
+    """How much FP data a recipe's stages see; None keeps the recipe's own number.
+
+    prompts / steps: the `collect_calibration` prompt set and sampling steps (and the prompt set and steps
+        of the `analyze_error_sources` sensitivity videos, capped at these).
+    The method is unchanged: a smaller budget gives noisier ranges and rankings, in a fraction of the time.
+    """
+
+    prompts: int | None = None
+    steps: int | None = None
+
+    @property
+    def label(self) -> str:
+        if self.prompts is None and self.steps is None:
+            return "as in the recipe"
+        return f"{self.prompts or 'recipe'} prompts x {self.steps or 'recipe'} steps"
+
+
+FULL = CalibrationBudget()
+QUICK = CalibrationBudget(prompts=2, steps=4)
+
+
+def scaled_recipe(recipe, budget: CalibrationBudget = QUICK):
+    """The recipe (name, path or Recipe) with its calibration / analysis prompt sets scaled to `budget`."""
+    from workbench.recipes import load_recipe
+
+    r = load_recipe(recipe)
+    if budget == FULL:
+        return r
+    stages = []
+    for name, settings in r.stages:
+        s = dict(settings)
+        if name in ("collect_calibration", "analyze_error_sources"):
+            for key, cap in (("prompts", budget.prompts), ("steps", budget.steps)):
+                if cap is not None:
+                    s[key] = min(int(s.get(key, cap)), cap)
+            if name == "analyze_error_sources" and budget.prompts is not None:
+                s["calibration_prompts"] = min(int(s.get("calibration_prompts", budget.prompts)), budget.prompts)
+        stages.append((name, s))
+    return replace(r, stages=stages, description=f"{r.description} [calibration budget: {budget.label}]".strip())
 
 
 @dataclass
 class RecipeCache:
-    """Quantized transformers by recipe name, built on first use (thread-safe: one build at a time)."""
+    """Quantized transformers by (recipe, budget), built on first use, and recent FP videos.
+
+    Thread-safe: one build at a time; a second request for the same recipe waits and reuses it.
+    `fp_cache_size` FP videos (keyed by prompt, seed, steps, guidance) are kept, so switching recipes
+    does not regenerate the reference.
+    """
 
     model: TinyWorldModel
+    budget: CalibrationBudget = FULL
     seed: int = 0
-    transformers: dict[str, torch.nn.Module] = field(default_factory=dict)
+    fp_cache_size: int = 32
+    transformers: dict[tuple[str, CalibrationBudget], torch.nn.Module] = field(default_factory=dict)
+    sessions: dict[tuple[str, CalibrationBudget], object] = field(default_factory=dict, repr=False)
+    _fp: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def get(self, recipe: str, progress: bool = False) -> torch.nn.Module:
+    def get(self, choice: str, progress: bool = False, budget: CalibrationBudget | None = None) -> torch.nn.Module:
+        """The quantized transformer of a bit-width label or recipe; an unknown one is a RecipeError."""
         from workbench.recipes import load_recipe, run_recipe
 
-        name = BIT_WIDTHS.get(recipe, recipe)
-        load_recipe(name)  # unknown recipe -> clear error before any work
+        name = recipe_name(choice)
+        budget = self.budget if budget is None else budget
+        recipe = scaled_recipe(load_recipe(name), budget)  # unknown recipe -> clear error before any work
+        key = (name, budget)
         with self._lock:
-            if name not in self.transformers:
-                session = run_recipe(self.model, name, progress=progress, seed=self.seed)
-                self.transformers[name] = session.qtransformer.eval()
-            return self.transformers[name]
+            if key not in self.transformers:
+                session = run_recipe(self.model, recipe, progress=progress, seed=self.seed)
+                self.sessions[key] = session
+                self.transformers[key] = session.qtransformer.eval()
+            return self.transformers[key]
+
+    def session(self, choice: str, budget: CalibrationBudget | None = None):
+        """The Session that built a cached transformer (its stage reports), or None if not built yet."""
+        return self.sessions.get((recipe_name(choice), self.budget if budget is None else budget))
+
+    def fp_video(self, prompt: str, seed: int, steps: int, guidance: float, progress: bool = False) -> torch.Tensor:
+        """The FP clip (3, F, H, W) of one prompt and seed, from the cache when it was made before."""
+        key = (prompt, int(seed), int(steps), float(guidance))
+        with self._lock:
+            if key in self._fp:
+                self._fp.move_to_end(key)
+                return self._fp[key]
+        video = self.model.generate_many([prompt], [int(seed)], int(steps), float(guidance), progress=progress)[0]
+        with self._lock:
+            self._fp[key] = video
+            while len(self._fp) > self.fp_cache_size:
+                self._fp.popitem(last=False)
+        return video
 
 
 @dataclass
 class Comparison:
+    """One prompt and seed generated by FP and by a quantized transformer."""
+
     prompt: str
     seed: int
     recipe: str
     fp_video: torch.Tensor  # (3, F, H, W)
     q_video: torch.Tensor
-    diff_video: torch.Tensor  # |q - fp| scaled x4 for visibility
+    diff_video: torch.Tensor  # |q - fp| scaled by DIFF_GAIN for visibility
     metrics: list[dict]  # one row for FP, one for the quantized model
     layer_errors: list[dict]  # per linear layer: relative output error of the quantized model vs FP
+
+
+DIFF_GAIN = 4.0
+METRIC_KEYS = ("oracle_accuracy", "temporal_consistency", "psnr_vs_fp", "ssim_vs_fp")
+
+
+def difference_video(fp: torch.Tensor, q: torch.Tensor, gain: float = DIFF_GAIN) -> torch.Tensor:
+    """|q - fp| x gain, clamped to [0, 1]: where (and when) the quantized video departs from FP."""
+    return ((q - fp).abs() * gain).clamp(0, 1)
 
 
 @torch.no_grad()
 def layer_output_errors(model: TinyWorldModel, qtransformer: torch.nn.Module, prompt: str, seed: int, timestep: float = 500.0) -> list[dict]:
     """Relative L2 error of every linear layer's output, quantized vs FP, on one noisy input at `timestep`.
 
-    Errors accumulate through the network, so this shows where the quantized model drifts away from FP.
+    Both networks get the same input, so errors accumulate through the quantized network exactly as in
+    sampling: the bars show where the quantized model drifts away from FP.
     """
     from workbench.models.pipeline import initial_noise
 
@@ -80,40 +201,62 @@ def layer_output_errors(model: TinyWorldModel, qtransformer: torch.nn.Module, pr
     finally:
         for h in hooks:
             h.remove()
+    quantized = {n for n, m in qtransformer.named_modules() if type(m).__name__ == "QuantLinear"}
     rows = []
     for name, ref in outs["fp"].items():
         if name in outs["q"]:
             err = (outs["q"][name] - ref).norm() / ref.norm().clamp_min(1e-12)
-            rows.append({"layer": name, "relative_error": float(err)})
+            rows.append({"layer": name, "relative_error": float(err), "quantized": name in quantized})
     return rows
 
 
 def compare(
     model: TinyWorldModel, cache: RecipeCache, recipe: str, prompt: str, seed: int = 0, steps: int = 16,
-    guidance: float = 3.0, progress: bool = False,
+    guidance: float = 3.0, progress: bool = False, budget: CalibrationBudget | None = None,
 ) -> Comparison:
-    """Generate one prompt with FP and with the recipe's quantized transformer, same seed, and measure both."""
+    """Generate one prompt with FP and with the recipe's quantized transformer, same seed, and measure both.
+
+    Bad input (a prompt outside the grammar, a negative seed, steps < 1, an unknown recipe) raises a
+    ValueError subclass whose message says what to fix, before any generation starts.
+    """
     scene = parse_prompt(prompt)
-    qt = cache.get(recipe, progress=progress)
-    fp = model.generate_many([prompt], [seed], steps, guidance, progress=progress)
-    q = model.generate_many([prompt], [seed], steps, guidance, progress=progress, transformer=qt)
-    m_fp = evaluate_videos(fp, [scene])
-    m_q = evaluate_videos(q, [scene], reference=fp)
-    keys = ("oracle_accuracy", "temporal_consistency", "psnr_vs_fp", "ssim_vs_fp")
+    if int(seed) < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+    if not 1 <= int(steps) <= 1000:
+        raise ValueError(f"steps must be between 1 and 1000, got {steps}")
+    qt = cache.get(recipe, progress=progress, budget=budget)
+    fp = cache.fp_video(prompt, seed, steps, guidance, progress=progress)
+    q = model.generate_many([prompt], [int(seed)], int(steps), guidance, progress=progress, transformer=qt)[0]
+    m_fp = evaluate_videos(fp[None], [scene])
+    m_q = evaluate_videos(q[None], [scene], reference=fp[None])
+    label = recipe if recipe == recipe_name(recipe) else f"{recipe} ({recipe_name(recipe)})"
     rows = [
-        {"model": "FP", **{k: m_fp.get(k, float("nan") if k.endswith("_vs_fp") else None) for k in keys}},
-        {"model": BIT_WIDTHS.get(recipe, recipe), **{k: m_q.get(k) for k in keys}},
+        {"model": "FP", **{k: m_fp.get(k) for k in METRIC_KEYS}},
+        {"model": label, **{k: m_q.get(k) for k in METRIC_KEYS}},
     ]
-    rows[0]["psnr_vs_fp"], rows[0]["ssim_vs_fp"] = float("inf"), 1.0
-    return Comparison(prompt, seed, BIT_WIDTHS.get(recipe, recipe), fp[0], q[0], ((q[0] - fp[0]).abs() * 4).clamp(0, 1),
-                      rows, layer_output_errors(model, qt, prompt, seed))
+    rows[0]["psnr_vs_fp"], rows[0]["ssim_vs_fp"] = None, 1.0  # FP is the reference: PSNR is infinite
+    return Comparison(prompt, int(seed), recipe_name(recipe), fp, q, difference_video(fp, q), rows,
+                      layer_output_errors(model, qt, prompt, int(seed)))
 
 
 def layer_error_figure(rows: list[dict], title: str = "Per-layer output error, quantized vs FP"):
     """Bar chart of `layer_output_errors` rows, in network order."""
     import plotly.graph_objects as go
 
-    fig = go.Figure(go.Bar(x=[r["layer"] for r in rows], y=[r["relative_error"] for r in rows]))
-    fig.update_layout(title=title, xaxis_title="linear layer (network order)", yaxis_title="relative L2 error",
-                      xaxis_tickangle=-60, height=420, margin=dict(b=160))
+    fig = go.Figure()
+    order = [_short(r["layer"]) for r in rows]
+    for quantized, label in ((True, "quantized layer"), (False, "kept in full precision")):
+        sub = [r for r in rows if bool(r.get("quantized", True)) == quantized]
+        if sub:
+            fig.add_bar(x=[_short(r["layer"]) for r in sub], y=[r["relative_error"] for r in sub], name=label)
+    fig.update_xaxes(categoryorder="array", categoryarray=order)
+    fig.update_layout(title=title, xaxis_title="linear layer (network order)", yaxis_title="relative L2 error of its output",
+                      xaxis_tickangle=-60, height=420, margin=dict(b=120), template="plotly_white",
+                      legend=dict(orientation="h", y=1.08))
     return fig
+
+
+def _short(name: str) -> str:
+    """A layer name short enough for an axis label (blocks.3.attn1.to_q -> b3.attn1.to_q)."""
+    return (name.replace("blocks.", "b").replace("condition_embedder.", "cond.").replace(".to_out.0", ".to_out")
+            .replace(".net.0.proj", ".up").replace(".net.2", ".down"))
