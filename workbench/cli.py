@@ -63,7 +63,16 @@ def cmd_eval_fp(args) -> int:
 def cmd_demo(args) -> int:
     from workbench.demo import run_demo
 
-    path = run_demo(Path(args.out), model_name=args.model, settings=_settings(args), force=args.force)
+    recipes = tuple(r for r in args.recipes.split(",") if r.strip())
+    path = run_demo(Path(args.out), model_name=args.model, settings=_settings(args), force=args.force, recipes=recipes)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from workbench.demo import run_report
+
+    path = run_report(args.dirs, args.out, settings=_settings(args), force=args.force)
     print(f"wrote {path}")
     return 0
 
@@ -141,8 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job on the bundled model, written as an HTML report")
     p.add_argument("--out", default="out/demo", help="output directory")
     p.add_argument("--force", action="store_true", help="overwrite an existing report in --out")
+    p.add_argument("--recipes", default="vidit-q-w8a8", help="comma-separated recipes to run beside FP ('' for FP only)")
     _add_sampling(p)
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("report", help="one HTML page comparing saved quantized models (from `workbench quantize`) with FP")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="directories written by `workbench quantize --out DIR`")
+    p.add_argument("--out", default="report.html", help="the HTML file to write (metrics.json lands beside it)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    _add_sampling(p)
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("recipes", help="list the shipped quantization recipes")
     p.add_argument("--json", action="store_true", help="print one JSON list")

@@ -1,30 +1,144 @@
-"""The main job on the bundled model: evaluate it and write the HTML report (`make demo`)."""
+"""The HTML reports of whole runs: `make demo` (FP and a quantized recipe) and `workbench report DIR...`.
+
+    run_demo(Path("out/demo"))                          # FP + vidit-q-w8a8 on the held-out prompts
+    run_report(["out/w8a8", "out/w4a8"], "out/report.html")   # saved quantized models, one page
+
+Both generate the same prompts and seeds with the FP model and with each quantized transformer, measure
+them against FP (`workbench.evaluation`), and write one self-contained page (`workbench.report`): the
+results table, the videos side by side (one row per model, one column per prompt) and every stage's
+figures, grouped by recipe. `metrics.json` beside the page holds the table.
+"""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from workbench.evaluation import EvalSettings, evaluate_fp
+import torch
+
+from workbench.compare import FULL, CalibrationBudget, scaled_recipe
+from workbench.evaluation import EvalSettings, evaluate_fp, evaluate_quantized
 from workbench.models import load_bundled
 from workbench.report import ReportContent, VideoRow, write_report
 
+# The columns of the results table, in order (any other scalar metric follows them).
+TABLE_KEYS = ("oracle_accuracy", "exact_match", "temporal_consistency", "psnr_vs_fp", "ssim_vs_fp",
+              "frechet_distance", "avg_weight_bits", "weight_mb", "seconds_per_video")
+DEMO_RECIPES = ("vidit-q-w8a8",)
 
-def run_demo(out: Path, model_name: str = "tiny-world", settings: EvalSettings = EvalSettings(), force: bool = False) -> Path:
-    """Generate the prompt set with the FP model, measure it, write out/report.html and metrics.json."""
+
+@dataclass
+class QuantizedEntry:
+    """One quantized transformer to compare: a label (recipe name), the module and its stage reports."""
+
+    label: str
+    transformer: torch.nn.Module
+    reports: list = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)  # extra table columns (e.g. method, source directory)
+
+
+def _row(label: str, metrics: dict, info: dict | None = None) -> dict:
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not k.startswith(("per_", "fp_"))}
+    first = {k: scalars.pop(k) for k in TABLE_KEYS if k in scalars}
+    return {"model": label, **(info or {}), **first, **scalars}
+
+
+def comparison_content(model, entries: list[QuantizedEntry], settings: EvalSettings, title: str,
+                       notes: list[str] = (), progress: bool = False) -> tuple[ReportContent, list[dict]]:
+    """Generate and measure FP and every entry on the settings' prompts; the report content and its table rows."""
+    from workbench.stages.ptq import weight_budget
+
+    fp_metrics, fp_videos = evaluate_fp(model, settings, progress=progress)
+    fp_size = weight_budget(model.transformer)
+    rows = [_row("FP", {**fp_metrics, "avg_weight_bits": 32.0, "weight_mb": fp_size["fp_weight_mb"]})]
+    video_rows = [VideoRow("FP", fp_videos)]
+    for e in entries:
+        metrics, videos = evaluate_quantized(model, e.transformer, settings, fp=(fp_metrics, fp_videos), progress=progress)
+        size = weight_budget(e.transformer)
+        rows.append(_row(e.label, {**metrics, "avg_weight_bits": size["avg_weight_bits"], "weight_mb": size["weight_mb"]},
+                         e.info))
+        video_rows.append(VideoRow(e.label, videos))
+    content = ReportContent(
+        title=title,
+        prompts=list(settings.prompts),
+        rows=video_rows,
+        table=rows,
+        stage_sections=[(f"Stages of {e.label}", e.reports) for e in entries if e.reports],
+        notes=[f"{len(settings.prompts)} prompts, seeds {settings.seed}..{settings.seed + len(settings.prompts) - 1}, "
+               f"{settings.steps} steps, guidance {settings.guidance}. PSNR, SSIM and Frechet distance are measured "
+               "against the FP videos of the same prompts and seeds; weight_mb counts quantized weights at their bits.",
+               *notes],
+    )
+    return content, rows
+
+
+def _write(content: ReportContent, rows: list[dict], report_path: Path, force: bool) -> Path:
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    path = write_report(content, report_path, overwrite=force)
+    (report_path.parent / "metrics.json").write_text(json.dumps(rows, indent=2, allow_nan=False, default=str))
+    return path
+
+
+def run_demo(out: Path, model_name: str = "tiny-world", settings: EvalSettings = EvalSettings(), force: bool = False,
+             recipes: tuple[str, ...] = DEMO_RECIPES, budget: CalibrationBudget = FULL, seed: int = 0,
+             progress: bool = True) -> Path:
+    """Quantize the bundled model with `recipes`, generate the prompt set with FP and each, write out/report.html
+    and out/metrics.json (one row per model)."""
+    from workbench.recipes import load_recipe, run_recipe
+
+    out = Path(out)
     report_path = out / "report.html"
     if report_path.exists() and not force:
         raise FileExistsError(f"{report_path} exists; pass --force (make demo FORCE=1) to overwrite it")
+    chosen = [scaled_recipe(load_recipe(r), budget) for r in recipes]  # a bad recipe fails before the long work
     model = load_bundled(model_name)
-    fp_metrics, fp_videos = evaluate_fp(model, settings, progress=True)
-    rows = [{"model": "FP (bf16/fp32 reference)", **{k: v for k, v in fp_metrics.items() if not k.startswith("per_")}}]
-    content = ReportContent(
-        title=f"Workbench report: {model_name}",
-        prompts=list(settings.prompts),
-        rows=[VideoRow("FP", fp_videos)],
-        table=rows,
-        notes=[f"{len(settings.prompts)} prompts, seeds {settings.seed}..{settings.seed + len(settings.prompts) - 1}, "
-               f"{settings.steps} steps, guidance {settings.guidance}."],
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(rows, indent=2))
-    return write_report(content, report_path, overwrite=force)
+    entries = []
+    for r in chosen:
+        session = run_recipe(model, r, progress=progress, seed=seed)
+        entries.append(QuantizedEntry(r.name, session.qtransformer.eval(), session.reports, {"method": r.method}))
+    content, rows = comparison_content(
+        model, entries, settings, f"Workbench report: {model_name}",
+        notes=[f"Recipes: {', '.join(recipes) or 'none'} (calibration budget: {budget.label})."], progress=progress)
+    return _write(content, rows, report_path, force)
+
+
+def run_report(directories: list[str | Path], out: str | Path, settings: EvalSettings = EvalSettings(),
+               force: bool = False, progress: bool = True) -> Path:
+    """One page comparing saved quantized models (`workbench quantize --out DIR`) with their FP model.
+
+    Every directory must hold the same bundled text-to-video model; its stage reports (reports.json) are
+    drawn again. `out` is the HTML file; metrics.json is written beside it.
+    """
+    from workbench.artifacts import load_quantized, load_reports
+
+    out = Path(out)
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise ValueError(f"--out must be an .html file, got {out}")
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; choose another --out or pass --force to overwrite it")
+    if not directories:
+        raise ValueError("give at least one directory written by `workbench quantize`")
+    model, entries, model_names = None, [], set()
+    for d in directories:
+        d = Path(d)
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d} is not a directory; give directories written by `workbench quantize --out DIR`")
+        fp_model, qt, manifest = load_quantized(d)
+        if not hasattr(fp_model, "generate_many"):
+            raise ValueError(f"{d} holds a bare transformer; the report generates videos, which needs a text-to-video model")
+        name = manifest["model"].get("name") or "model"
+        model_names.add(name)
+        if len(model_names) > 1:
+            raise ValueError(f"{d} holds {name}, but earlier directories hold {sorted(model_names - {name})}: "
+                             "a report compares quantized versions of one model")
+        model = model if model is not None else fp_model
+        recipe = manifest.get("recipe") or {}
+        label = recipe.get("name") or d.name
+        if any(e.label == label for e in entries):
+            label = f"{label} ({d.name})"
+        entries.append(QuantizedEntry(label, qt.eval(), load_reports(d),
+                                      {"method": (recipe.get("recipe") or {}).get("method", ""), "directory": str(d)}))
+    content, rows = comparison_content(model, entries, settings, f"Workbench report: {model_names.pop()}",
+                                       progress=progress)
+    return _write(content, rows, out, force)

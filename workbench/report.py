@@ -1,7 +1,8 @@
 """One self-contained HTML page: videos side by side per recipe, the results table, stage figures.
 
 Videos are embedded as GIF data URIs and plotly.js is inlined once, so the page opens offline and
-can be mailed or attached to an issue as a single file.
+can be mailed or attached to an issue as a single file. `videos_html` is the same video grid as an HTML
+fragment, which notebooks show with `IPython.display.HTML`.
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ class ReportContent:
     table: list[dict] = field(default_factory=list)  # one dict per model/recipe
     stage_reports: list = field(default_factory=list)  # objects with .name, .summary and .figures()
     notes: list[str] = field(default_factory=list)
+    # stage reports grouped under a heading each (e.g. one section per recipe), after `stage_reports`
+    stage_sections: list[tuple[str, list]] = field(default_factory=list)
 
 
 def _fmt(v) -> str:
@@ -49,16 +52,45 @@ def _table_html(rows: list[dict]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+# the video grid's own rules (safe inside a notebook) and the page's
+GRID_STYLE = ("<style>.vid{display:inline-block;margin:2px;text-align:center;font-size:11px;width:136px;vertical-align:top}"
+              ".vid img{width:128px;height:128px;image-rendering:pixelated;border:1px solid #333}"
+              ".row{margin:8px 0;white-space:nowrap;overflow-x:auto}.label{font-weight:bold;margin:12px 0 4px}</style>")
+STYLE = ("<style>body{font-family:system-ui,sans-serif;margin:24px;background:#fafafa}"
+         "table{border-collapse:collapse;margin:12px 0}td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}"
+         "th{background:#eee}</style>" + GRID_STYLE)
+
+
+def videos_html(rows: list[VideoRow], prompts: list[str], max_videos: int = 16, style: bool = True) -> str:
+    """The video grid as an HTML fragment: one labelled row per model, one column per prompt (same seed)."""
+    parts = [GRID_STYLE] if style else []
+    for row in rows:
+        parts.append(f"<div class='label'>{html.escape(row.label)}</div><div class='row'>")
+        for p, v in list(zip(prompts, row.videos))[:max_videos]:
+            parts.append(f"<div class='vid'><img src='{gif_data_uri(v)}'><br>{html.escape(p)}</div>")
+        parts.append("</div>")
+    return "\n".join(parts)
+
+
+def _stage_html(rep, first_fig: bool, level: int = 2) -> tuple[list[str], bool]:
+    parts = [f"<h{level}>Stage: {html.escape(rep.name)}</h{level}>"]
+    summary = getattr(rep, "summary", None)
+    if summary:
+        parts.append(_table_html([summary]))
+    for note in getattr(rep, "notes", None) or []:
+        parts.append(f"<p>{html.escape(str(note))}</p>")
+    for fig in rep.figures():
+        parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if first_fig else False))
+        first_fig = False
+    return parts, first_fig
+
+
 def render_html(content: ReportContent, max_videos: int = 16) -> str:
     """The report as an HTML string."""
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(content.title)}</title>",
-        "<style>body{font-family:system-ui,sans-serif;margin:24px;background:#fafafa}"
-        "table{border-collapse:collapse;margin:12px 0}td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}"
-        "th{background:#eee}.vid{display:inline-block;margin:2px;text-align:center;font-size:11px;width:136px;vertical-align:top}"
-        ".vid img{width:128px;height:128px;image-rendering:pixelated;border:1px solid #333}"
-        ".row{margin:8px 0;white-space:nowrap;overflow-x:auto}.label{font-weight:bold;margin:12px 0 4px}</style>",
+        STYLE,
         "</head><body>",
         f"<h1>{html.escape(content.title)}</h1>",
         f"<p>Generated {_dt.datetime.now().isoformat(timespec='seconds')} on {html.escape(platform.node())} "
@@ -70,20 +102,16 @@ def render_html(content: ReportContent, max_videos: int = 16) -> str:
         parts += ["<h2>Results</h2>", _table_html(content.table)]
     if content.rows:
         parts.append("<h2>Videos (same prompt and seed in each column)</h2>")
-        for row in content.rows:
-            parts.append(f"<div class='label'>{html.escape(row.label)}</div><div class='row'>")
-            for p, v in list(zip(content.prompts, row.videos))[:max_videos]:
-                parts.append(f"<div class='vid'><img src='{gif_data_uri(v)}'><br>{html.escape(p)}</div>")
-            parts.append("</div>")
+        parts.append(videos_html(content.rows, content.prompts, max_videos, style=False))
     first_fig = True
     for rep in content.stage_reports:
-        parts.append(f"<h2>Stage: {html.escape(rep.name)}</h2>")
-        summary = getattr(rep, "summary", None)
-        if summary:
-            parts.append(_table_html([summary]))
-        for fig in rep.figures():
-            parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if first_fig else False))
-            first_fig = False
+        more, first_fig = _stage_html(rep, first_fig)
+        parts += more
+    for heading, reports in content.stage_sections:
+        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        for rep in reports:
+            more, first_fig = _stage_html(rep, first_fig, level=3)
+            parts += more
     parts.append("</body></html>")
     return "\n".join(parts)
 
