@@ -46,4 +46,7 @@ def test_reports_and_rng():
     s.add(r1)
     s.add(r2)
     assert s.last_report("a") is r2 and s.last_report("b") is None
+    r1.tables["ranking"] = [{"x": 1}]
+    assert s.last_report("a", table="ranking") is r1  # a later report without the table does not hide it
+    assert s.last_report("a", table="other") is None
     assert torch.equal(torch.rand(3, generator=s.rng(5)), torch.rand(3, generator=s.rng(5)))

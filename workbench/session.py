@@ -112,10 +112,13 @@ class Session:
         self.reports.append(report)
         return report
 
-    def last_report(self, name: str) -> StageReport | None:
-        """The most recent report of the stage called `name`, or None."""
+    def last_report(self, name: str, table: str | None = None) -> StageReport | None:
+        """The most recent report of the stage called `name` (holding table `table`, if given), or None.
+
+        `table` lets a stage find e.g. the latest sensitivity ranking even when a later, partial run of
+        the same stage (weights only, say) produced a report without it."""
         for r in reversed(self.reports):
-            if r.name == name:
+            if r.name == name and (table is None or table in r.tables):
                 return r
         return None
 

@@ -1,10 +1,12 @@
 """One small pipeline run shared by the stage tests (collect -> analyse -> quantize -> mixed precision -> ranges)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
-from stage_helpers import W4A8_STATIC, tiny_world_model
+from stage_helpers import PIPELINE, W4A8_STATIC, tiny_world_model
 from workbench.session import Session
 from workbench.stages import (
     AnalysisSettings,
@@ -33,4 +35,15 @@ def pipeline():
     reports["assign_mixed_precision"] = assign_mixed_precision(session, MixedPrecisionSettings(avg_weight_bits=5.0))
     reports["calibrate_ranges"] = calibrate_ranges(session, RangeSettings(
         alpha_search=[0.2, 0.5], observer="percentile", weight_observer="mse", timestep_wise=True, timestep_buckets=4, sample_rows=128))
+    assert list(reports) == PIPELINE
     return session, reports
+
+
+@pytest.fixture
+def pipeline_copy(pipeline):
+    """The pipeline's session with its own report list and state, for tests that run more stages on it
+    (the session-scoped pipeline itself must stay as the fixture left it)."""
+    session, reports = pipeline
+    own = copy.copy(session)
+    own.reports, own.state = list(session.reports), dict(session.state)
+    return own, reports

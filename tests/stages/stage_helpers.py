@@ -13,6 +13,9 @@ from workbench.models import load_bundled
 from workbench.models.bundled import TinyWorldModel
 
 PROMPTS = ["a red circle moving right", "a fast blue square moving down"]
+# The stages the shared `pipeline` fixture runs, in order (STAGES also holds stages other tests cover).
+PIPELINE = ["collect_calibration", "analyze_error_sources", "apply_quantization", "assign_mixed_precision",
+            "calibrate_ranges"]
 W4A8_STATIC = {"weight": {"format": "int4"}, "act": {"format": "uint8", "granularity": "tensor", "dynamic": False}}
 W4A8_DYNAMIC = {"weight": {"format": "int4"}, "act": {"format": "uint8", "granularity": "token", "dynamic": True}}
 

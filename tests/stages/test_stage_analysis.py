@@ -39,11 +39,13 @@ def test_metric_decoupled_rankings(pipeline):
     assert "blocks.0.attn1" in groups["blocks.0.attn"]
 
 
-def test_parts_can_be_switched_off_and_need_a_generator_for_videos(pipeline):
-    session, _ = pipeline
+def test_parts_can_be_switched_off_and_need_a_generator_for_videos(pipeline_copy):
+    session, reports = pipeline_copy
     r = analyze_error_sources(session, AnalysisSettings(activations=False, weights=True, layer_errors=False,
                                                         sensitivity=False))
     assert set(r.tables) == {"weights"}
+    # the partial re-run does not hide the earlier ranking from mixed precision
+    assert session.last_report("analyze_error_sources", table="sensitivity") is reports["analyze_error_sources"]
     bare = Session.start(session.fp_transformer)
     bare.calibration = session.calibration
     with pytest.raises(ValueError, match="text-to-video"):

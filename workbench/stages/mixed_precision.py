@@ -72,7 +72,8 @@ def _with_bits(spec: QuantSpec, bits: int) -> QuantSpec:
 
 def _units(session: Session, s: MixedPrecisionSettings, quantized: dict[str, QuantLinear]) -> list[dict[str, Any]]:
     """Ranked units: {"unit", "layers", "rank"} from the latest analysis report."""
-    report = session.last_report("analyze_error_sources")
+    table = "layer_errors" if s.ranking == "output_error" else "sensitivity"
+    report = session.last_report("analyze_error_sources", table=table)
     if s.ranking == "output_error":
         if report is None or "layer_errors" not in report.tables:
             raise ValueError("ranking='output_error' needs analyze_error_sources(session, AnalysisSettings(layer_errors=True)) first")

@@ -9,8 +9,9 @@ Runs on the session's already quantized copy (`apply_quantization` first), using
    weight quantizers' observer (`weight_observer`, e.g. "mse": per-channel clipping by MSE search).
 2. Channel balancing of every linear whose input is quantized: SmoothQuant scales
    s_j = max|x_j|^alpha / max|w_j|^(1-alpha) from the FP activations of the whole calibration set
-   (`smooth_alpha`, or per layer the best of `alpha_search` by the layer's output error), and/or a
-   randomized Hadamard rotation (`rotation`); ViDiT-Q's static-dynamic channel balancing is both.
+   (`smooth_alpha`, or per layer the best of no smoothing and `alpha_search` by the layer's output
+   error), and/or a randomized Hadamard rotation (`rotation`, or per layer by the same error with
+   `rotation_search`); ViDiT-Q's static-dynamic channel balancing is both.
 3. Static ranges are (re)calibrated on the calibration cache.
 
 The report lists, per layer, the output error on sampled FP inputs before and after (relative MSE of
@@ -46,6 +47,7 @@ class RangeSettings:
     smooth_alpha: SmoothQuant migration strength (None: no smoothing).
     alpha_search: per-layer alpha grid; the alpha (or no smoothing) with the least layer output error wins.
     rotation: randomized Hadamard rotation of every quantized-input linear (after smoothing).
+    rotation_search: try every smoothing candidate with and without the rotation; keep the better per layer.
     sample_rows: FP input rows per layer (all timesteps) used for the before/after errors and the search.
     calib_rows: rows of each recorded call used for static calibration (None: all).
     compare_observers: report each static layer's error under minmax / percentile / mse.
@@ -59,6 +61,7 @@ class RangeSettings:
     smooth_alpha: float | None = None
     alpha_search: list[float] | None = None
     rotation: bool = False
+    rotation_search: bool = False
     rotation_seed: int = 0
     sample_rows: int = 512
     calib_rows: int | None = None
@@ -159,6 +162,20 @@ def _calibrate_on(q: Quantizer, xs: Samples, max_timestep: float) -> None:
     q.mode = mode
 
 
+@torch.no_grad()
+def _balance(m: QuantLinear, alpha: float | None, rotate: bool, absmax: torch.Tensor, samples: Samples | None,
+             seed: int, max_timestep: float) -> float:
+    """Give m smoothing with `alpha` (None: none) and the rotation (or none); with samples, calibrate a
+    static input range on them and return the layer's output error (else 0)."""
+    m.set_smooth(None if alpha is None else smooth_scales(absmax, m.weight, alpha))
+    m.set_rotation(rotation_matrix(m.in_features, seed) if rotate else None)
+    if samples is None:
+        return 0.0
+    if _static(m):
+        _calibrate_on(m.input_quantizer, [(t, m.transform_input(x)) for t, x in samples], max_timestep)
+    return layer_error(m, samples, max_timestep)
+
+
 def _static(ql: QuantLinear) -> bool:
     iq = ql.input_quantizer
     return iq is not None and not iq.spec.dynamic and iq.spec.fixed_range is None
@@ -199,32 +216,20 @@ def calibrate_ranges(session: Session, settings: RangeSettings | None = None) ->
         session.quant_config = new_config
         layers = quantized_linears()
 
-    # channel balancing
+    # channel balancing: every (alpha, rotation) candidate is tried per layer, the least output error wins
+    alphas: list[float | None] = [None, *s.alpha_search] if s.alpha_search else [s.smooth_alpha]
+    rotations = [False, True] if s.rotation_search else [s.rotation]
+    candidates = [(a, r) for a in alphas for r in rotations]
     chosen_alpha: dict[str, float | None] = {}
     for n, m in tqdm(layers.items(), desc="channel balancing", disable=not session.progress, leave=False):
-        if s.alpha_search:
-            best = (before[n], None)
-            if s.rotation:  # the no-smoothing candidate is rotated too
-                m.set_smooth(None)
-                m.set_rotation(rotation_matrix(m.in_features, s.rotation_seed))
-                if _static(m):
-                    _calibrate_on(m.input_quantizer, [(t, m.transform_input(x)) for t, x in samples[n]], max_t)
-                best = (layer_error(m, samples[n], max_t), None)
-            for a in s.alpha_search:
-                m.set_smooth(smooth_scales(absmax[n], m.weight, a))
-                if s.rotation:
-                    m.set_rotation(rotation_matrix(m.in_features, s.rotation_seed))
-                if _static(m):
-                    _calibrate_on(m.input_quantizer, [(t, m.transform_input(x)) for t, x in samples[n]], max_t)
-                err = layer_error(m, samples[n], max_t)
+        best = (float("inf"), candidates[0])
+        if len(candidates) > 1:
+            for a, r in candidates:
+                err = _balance(m, a, r, absmax[n], samples[n], s.rotation_seed, max_t)
                 if err < best[0]:
-                    best = (err, a)
-            chosen_alpha[n] = best[1]
-        else:
-            chosen_alpha[n] = s.smooth_alpha
-        a = chosen_alpha[n]
-        m.set_smooth(None if a is None else smooth_scales(absmax[n], m.weight, a))
-        m.set_rotation(rotation_matrix(m.in_features, s.rotation_seed) if s.rotation else None)
+                    best = (err, (a, r))
+        chosen_alpha[n] = best[1][0]
+        _balance(m, *best[1], absmax[n], None, s.rotation_seed, max_t)
 
     # static ranges on the whole calibration set, recording the observed (balanced) input ranges
     observed: dict[str, list[float]] = {}
