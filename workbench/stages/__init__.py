@@ -24,6 +24,10 @@ from workbench.stages.mixed_precision import MixedPrecisionSettings, assign_mixe
 from workbench.stages.ptq import PTQSettings, apply_quantization, layer_formats, weight_budget
 from workbench.stages.ranges import RangeSettings, calibrate_ranges
 from workbench.stages.report import StageReport
+from workbench.stages.distill import DistillDivergedError, DistillSettings, distill
+from workbench.stages.mpq import MPQSettings, mpq_distill
+from workbench.stages.qvdit import QVDiTSettings, qvdit_distill
+from workbench.stages.s2q import SalientSelectionSettings, SparseTokenSettings, select_salient_calibration, sparse_token_distill
 
 STAGES = {
     "collect_calibration": (collect_calibration, CalibrationSettings),
@@ -31,6 +35,11 @@ STAGES = {
     "apply_quantization": (apply_quantization, PTQSettings),
     "assign_mixed_precision": (assign_mixed_precision, MixedPrecisionSettings),
     "calibrate_ranges": (calibrate_ranges, RangeSettings),
+    "distill": (distill, DistillSettings),
+    "select_salient_calibration": (select_salient_calibration, SalientSelectionSettings),
+    "sparse_token_distill": (sparse_token_distill, SparseTokenSettings),
+    "qvdit_distill": (qvdit_distill, QVDiTSettings),
+    "mpq_distill": (mpq_distill, MPQSettings),
 }
 
 __all__ = [
@@ -43,6 +52,17 @@ __all__ = [
     "PTQSettings",
     "RangeSettings",
     "StageReport",
+    "DistillDivergedError",
+    "DistillSettings",
+    "MPQSettings",
+    "QVDiTSettings",
+    "SalientSelectionSettings",
+    "SparseTokenSettings",
+    "distill",
+    "mpq_distill",
+    "qvdit_distill",
+    "select_salient_calibration",
+    "sparse_token_distill",
     "analyze_error_sources",
     "apply_quantization",
     "assign_mixed_precision",

@@ -828,7 +828,7 @@ def _train_unit(session, s, uname, ui, unit, batch, target, weights, row_ts, ter
                 bad = [k for k, v in parts.items() if not torch.isfinite(v)]
                 raise DistillDivergedError(
                     f"distillation diverged in {uname} at iteration {it + 1} of {s.iters}: the loss is "
-                    f"{float(total)} ({', '.join(bad) or 'total'} term). Lower the learning rate (lr={s.lr:g}; "
+                    f"{float(total.detach())} ({', '.join(bad) or 'total'} term). Lower the learning rate (lr={s.lr:g}; "
                     f"try lr={s.lr / 10:g}) or train fewer components; {uname} was restored to its state before "
                     "this training (earlier blocks keep theirs)"
                 )

@@ -1,0 +1,115 @@
+"""The shared distillation loop: it learns, resumes bit for bit, and stops on NaN with a clear message."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distill_helpers import fresh, state_of
+from workbench.stages.distill import (
+    DistillDivergedError,
+    DistillSettings,
+    Term,
+    distill,
+    relation_kl,
+    run_distillation,
+    weighted_rel_mse,
+)
+
+BLOCK = ["blocks.0"]
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def test_block_reconstruction_lowers_the_block_error():
+    s = fresh()
+    before = state_of(s.qtransformer)
+    rows = sum(e.batch for e in s.calibration.entries)  # one batch of every row: the same problem at each step
+    rep = distill(s, DistillSettings(iters=12, batch_size=rows, lr=1e-2, scale_lr=1e-2, blocks=BLOCK, train=["scales"],
+                                     eval_rows=8))
+    row = rep.tables["blocks"][0]
+    assert row["block"] == "blocks.0" and row["trained"] and row["iterations"] == 12
+    assert row["err_after"] < row["err_before"]
+    curve = rep.arrays["curves"]["total"]["blocks.0"]
+    assert curve[-1] < curve[0] and _mean(curve[-3:]) < _mean(curve[:3])
+    # the untrained block was only propagated: its parameters did not move
+    after = state_of(s.qtransformer)
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("blocks.1."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("blocks.0."))
+    assert rep.figures()
+
+
+def test_end_to_end_mode_trains_the_whole_transformer():
+    s = fresh()
+    res = run_distillation(s, DistillSettings(mode="e2e", iters=6, lr=1e-2, scale_lr=1e-2, train=["scales"], eval_rows=4))
+    (unit,) = res.units
+    assert unit.unit == "transformer" and len(unit.curves["total"]) == 6
+    assert unit.err_after < unit.err_before
+
+
+def _interrupt_at(unit: str, iteration: int):
+    def on_step(u: str, it: int, loss: float) -> None:
+        if u == unit and it == iteration:
+            raise KeyboardInterrupt
+
+    return on_step
+
+
+def test_resume_after_interruption_is_bit_identical(tmp_path):
+    settings = dict(iters=4, lr=5e-3, train=["scales"], checkpoint_every=2, eval_rows=0)
+    ref = fresh()
+    run_distillation(ref, DistillSettings(**settings, checkpoint_dir=str(tmp_path / "a")))
+
+    s = fresh()
+    st = DistillSettings(**settings, checkpoint_dir=str(tmp_path / "b"))
+    with pytest.raises(KeyboardInterrupt):
+        run_distillation(s, st, on_step=_interrupt_at("blocks.1", 3))  # after the checkpoint at iteration 2
+    resumed = fresh()  # a new process: the untrained model, the checkpoint on disk
+    res = run_distillation(resumed, st)
+    assert res.resumed_from is not None and "unit 1, iteration 2" in res.resumed_from
+    a, b = state_of(ref.qtransformer), state_of(resumed.qtransformer)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # a checkpoint of other settings is refused rather than silently mixed in
+    with pytest.raises(ValueError, match="other settings"):
+        run_distillation(fresh(), DistillSettings(**{**settings, "lr": 1e-3}, checkpoint_dir=str(tmp_path / "b")))
+
+
+def test_nan_stops_with_a_clear_error_and_restores_the_block():
+    s = fresh()
+    before = state_of(s.qtransformer)
+
+    def poison(ctx):
+        return ctx.pred.sum() * (float("nan") if ctx.iteration == 2 else 0.0)
+
+    with pytest.raises(DistillDivergedError, match=r"blocks\.0 at iteration 3 of 5.*nan \(poison term\).*Lower the learning rate"):
+        run_distillation(s, DistillSettings(iters=5, train=["scales"], eval_rows=0), terms=[Term("poison", 1.0, poison)])
+    after = state_of(s.qtransformer)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="unknown mode"):
+        DistillSettings(mode="layer")
+    with pytest.raises(ValueError, match="unknown trainable 'biases'"):
+        DistillSettings(train=["biases"])
+    with pytest.raises(ValueError, match="lr must be a positive"):
+        DistillSettings(lr=float("nan"))
+    with pytest.raises(ValueError, match="unknown block 'blocks.9'"):
+        run_distillation(fresh(), DistillSettings(iters=1, blocks=["blocks.9"]))
+
+
+def test_losses():
+    x = torch.randn(2, 5, 3)
+    assert float(weighted_rel_mse(x, x)) == 0.0
+    y = x + 0.1 * torch.randn_like(x)
+    w = torch.ones(2, 5)
+    assert torch.allclose(weighted_rel_mse(y, x, w), weighted_rel_mse(y, x))
+    w0 = torch.zeros(2, 5)
+    w0[:, 0] = 5.0  # only token 0 counts
+    manual = (y[:, 0] - x[:, 0]).pow(2).sum() * 5.0 / x.pow(2).sum()
+    assert torch.allclose(weighted_rel_mse(y, x, w0), manual)
+    s = torch.randn(3, 4, 4)
+    assert float(relation_kl(s, s)) == pytest.approx(0.0, abs=1e-6)
+    assert float(relation_kl(s + torch.randn_like(s), s)) > 0

@@ -1,0 +1,75 @@
+"""Q-VDiT: Token-aware Quantization Estimator and Temporal Maintenance Distillation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distill_helpers import fresh
+from workbench.stages.distill import TermContext
+from workbench.stages.qvdit import QVDiTSettings, TemporalRelationLoss, TokenAwareEstimator, qvdit_distill
+
+
+def test_token_aware_estimator_starts_at_zero_and_scales_per_frame():
+    est = TokenAwareEstimator(8, 6, rank=2, tokens=12, frames=3, token_mode="frame")
+    est.reset_parameters(torch.Generator().manual_seed(0))
+    x = torch.randn(2, 12, 8)
+    assert torch.equal(est(x, None), torch.zeros(2, 12, 6))  # B = 0: training starts from plain quantization
+    with torch.no_grad():
+        est.B.normal_()
+        est.token_scale.copy_(torch.tensor([1.0, 0.0, 2.0]))
+    d = est(x, None)
+    plain = x @ (est.B @ est.A).T
+    assert torch.allclose(d[:, :4], plain[:, :4]) and torch.equal(d[:, 4:8], torch.zeros(2, 4, 6))
+    assert torch.allclose(d[:, 8:], 2 * plain[:, 8:])
+    # a sequence that is not the video grid (e.g. text tokens) gets no token scale
+    assert torch.allclose(est(x[:, :5], None), plain[:, :5])
+    with pytest.raises(ValueError, match="token_mode"):
+        TokenAwareEstimator(8, 6, token_mode="pixel")
+
+
+def _ctx(pred, target):
+    return TermContext(pred, target, "transformer", 0, torch.zeros(pred.shape[0]), None, (4, 2, 2), "e2e",
+                       torch.Generator())
+
+
+def test_temporal_maintenance_loss_compares_frame_relations():
+    target = torch.randn(2, 3, 4, 2, 2)  # (B, C, F, H, W)
+    tmd = TemporalRelationLoss()
+    assert float(tmd(_ctx(target, target))) == pytest.approx(0.0, abs=1e-6)
+    pred = target.clone().requires_grad_(True)
+    with torch.no_grad():
+        pred[:, :, 1] = torch.randn(2, 3, 2, 2)  # frame 1 no longer relates to the others as in FP
+    loss = tmd(_ctx(pred, target))
+    assert float(loss) > 0
+    loss.backward()
+    assert pred.grad.abs().sum() > 0
+    # scaling a frame does not change cosine relations: TMD measures relations, not values
+    scaled = target.clone()
+    scaled[:, :, 2] *= 3.0
+    assert float(tmd(_ctx(scaled, target))) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_qvdit_distill_trains_and_folds_the_estimator():
+    s = fresh()
+    rep = qvdit_distill(s, QVDiTSettings(mode="e2e", iters=5, lr=1e-2, tqe_rank=2, tqe_out_rank=2, eval_rows=4,
+                                         similarity_rows=2))
+    assert rep.summary["tqe_layers"] > 0
+    assert rep.summary["tqe_inner_baked"] == rep.summary["tqe_layers"]  # Q(W + BA): folded into W
+    assert not any("parametrizations" in k for k in s.qtransformer.state_dict())
+    assert rep.summary["tqe_branches"] == rep.summary["tqe_layers"]
+    curves = rep.arrays["curves"]
+    assert set(curves) >= {"total", "rec", "tmd"}
+    assert rep.summary["mean_err_after"] < rep.summary["mean_err_before"]
+    # video-token layers got one scale per frame, the text-reading cross-attention keys / values none
+    grid = rep.arrays["grid"]
+    scales = rep.arrays["token_scales"]
+    assert scales and all(len(v) == grid[0] for v in scales.values())
+    assert not any(k.endswith(("attn2.to_k", "attn2.to_v")) for k in scales)
+    assert rep.figures()
+
+
+def test_qvdit_ablation_without_tqe_has_no_branches():
+    s = fresh()
+    rep = qvdit_distill(s, QVDiTSettings(iters=2, tqe=False, tmd=False, blocks=["blocks.0"], eval_rows=0,
+                                         similarity_rows=2))
+    assert rep.summary["tqe_branches"] == 0 and "tmd" not in rep.arrays["curves"]
