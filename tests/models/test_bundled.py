@@ -7,7 +7,7 @@ import torch
 from workbench.models import load_bundled, load_from_dir
 from workbench.models.bundled import WEIGHTS_ROOT
 from workbench.models.text_encoder import VOCAB, tokenize
-from workbench.models.tiny_dit import build_transformer, with_time_channel
+from workbench.models.tiny_dit import build_transformer, with_coordinate_channels
 from workbench.world.grammar import PromptError
 
 
@@ -70,11 +70,15 @@ def test_tokenizer_canonicalises_wording():
     assert tokenize([""])[0, 0] == VOCAB["<null>"]
 
 
-def test_time_channel_breaks_time_reversal():
-    x = torch.zeros(1, 3, 8, 4, 4)
-    y = with_time_channel(x, 4)
-    assert y.shape == (1, 4, 8, 4, 4) and y[0, 3, 0, 0, 0] == -1 and y[0, 3, -1, 0, 0] == 1
-    assert with_time_channel(x, 3) is x
+def test_coordinate_channels_give_absolute_frame_row_and_column():
+    x = torch.zeros(1, 3, 8, 4, 5)
+    y = with_coordinate_channels(x, 4)
+    assert y.shape == (1, 4, 8, 4, 5) and y[0, 3, 0, 0, 0] == -1 and y[0, 3, -1, 0, 0] == 1
+    z = with_coordinate_channels(x, 6)
+    assert torch.equal(z[:, :4], y)
+    assert torch.equal(z[0, 4, 3, :, 2], torch.linspace(-1, 1, 4)) and torch.equal(z[0, 5, 3, 1], torch.linspace(-1, 1, 5))
+    assert with_coordinate_channels(x, 3) is x
     with pytest.raises(ValueError, match="input channels"):
-        with_time_channel(x, 6)
-    assert build_transformer(num_layers=1).config.in_channels == 4
+        with_coordinate_channels(x, 5)
+    assert build_transformer(num_layers=1).config.in_channels == 3  # the shipped weights' input
+

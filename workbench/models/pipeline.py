@@ -13,7 +13,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from tqdm.auto import tqdm
 
-from workbench.models.tiny_dit import with_time_channel
+from workbench.models.tiny_dit import with_coordinate_channels
 from workbench.world.render import WorldConfig
 
 
@@ -71,7 +71,7 @@ def sample(
         if on_step is not None:
             on_step(i, float(t), x)
         inp = torch.cat([x, x]) if guided else x
-        inp = with_time_channel(inp, in_channels).to(dtype)
+        inp = with_coordinate_channels(inp, in_channels).to(dtype)
         v = transformer(inp, t.expand(inp.shape[0]), cond, return_dict=False)[0].float()
         if guided:
             v_c, v_u = v.chunk(2)

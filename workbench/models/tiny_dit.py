@@ -4,10 +4,13 @@ No VAE: the transformer denoises 8x32x32 RGB clips directly with 1x4x4 patches (
 so one video takes a few seconds on a laptop CPU while the network is a real Wan DiT
 (self-attention with 3D RoPE, cross-attention to text, AdaLN timestep modulation).
 
-`in_channels = 4`: RGB plus a frame-index ramp (-1 at the first frame, +1 at the last). Wan's
-RoPE is relative, and a model trained without an absolute time signal learned the motion axis but
-not its sign (a left-moving and a right-moving video scored the same loss); the ramp breaks that
-time-reversal symmetry. Weights trained with `in_channels = 3` still load and sample.
+Input channels: the shipped weights take RGB (`in_channels = 3`). The model learned colour, shape,
+speed and the motion axis but not the sign of the motion (a left- and a right-moving video score the
+same loss). Wan's RoPE is relative in time and space, so at high noise the network cannot place the
+object's mean on the right in the first frame and on the left in the last, which is what the
+denoiser's optimum for 'moving left' is. `with_coordinate_channels` appends absolute coordinates for
+experiments: 4 channels = RGB + a frame ramp (tried on an H100: alone it did not break the symmetry),
+6 = RGB + frame, row and column ramps (the next training run's candidate). Any of the three loads and samples.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ TRANSFORMER_CONFIG: dict = dict(
     patch_size=(1, 4, 4),
     num_attention_heads=4,
     attention_head_dim=32,
-    in_channels=4,
+    in_channels=3,
     out_channels=3,
     text_dim=64,
     freq_dim=64,
@@ -37,17 +40,26 @@ def build_transformer(**overrides) -> WanTransformer3DModel:
     return WanTransformer3DModel(**{**TRANSFORMER_CONFIG, **overrides})
 
 
-def with_time_channel(x: "torch.Tensor", in_channels: int) -> "torch.Tensor":
-    """Append the frame-index ramp channel when the transformer expects one more channel than RGB."""
+COORDINATE_CHANNELS = {3: (), 4: ("frame",), 6: ("frame", "row", "column")}
+
+
+def with_coordinate_channels(x: "torch.Tensor", in_channels: int) -> "torch.Tensor":
+    """Append the absolute coordinate ramps (-1..1) the transformer expects beyond RGB (see the module doc)."""
     import torch
 
     if in_channels == x.shape[1]:
         return x
-    if in_channels != x.shape[1] + 1:
-        raise ValueError(f"transformer expects {in_channels} input channels; clips have {x.shape[1]} (+1 time channel allowed)")
-    f = x.shape[2]
-    ramp = torch.linspace(-1.0, 1.0, f, device=x.device, dtype=x.dtype).view(1, 1, f, 1, 1)
-    return torch.cat([x, ramp.expand(x.shape[0], 1, f, x.shape[3], x.shape[4])], dim=1)
+    if x.shape[1] != 3 or in_channels not in COORDINATE_CHANNELS:
+        raise ValueError(f"transformer expects {in_channels} input channels; clips have {x.shape[1]} "
+                         f"(RGB clips can be extended to {sorted(COORDINATE_CHANNELS)} channels)")
+    b, _, f, h, w = x.shape
+    axes = {"frame": (f, (1, 1, f, 1, 1)), "row": (h, (1, 1, 1, h, 1)), "column": (w, (1, 1, 1, 1, w))}
+    ramps = [torch.linspace(-1.0, 1.0, axes[a][0], device=x.device, dtype=x.dtype).view(axes[a][1]).expand(b, 1, f, h, w)
+             for a in COORDINATE_CHANNELS[in_channels]]
+    return torch.cat([x, *ramps], dim=1)
+
+
+with_time_channel = with_coordinate_channels  # the 4-channel name used before the 6-channel option
 
 
 def build_scheduler() -> FlowMatchEulerDiscreteScheduler:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from workbench.models.bundled import TinyWorldModel
 from workbench.models.text_encoder import TextEncoder, tokenize
-from workbench.models.tiny_dit import SCHEDULER_CONFIG, build_transformer, with_time_channel
+from workbench.models.tiny_dit import SCHEDULER_CONFIG, build_transformer, with_coordinate_channels
 from workbench.world.grammar import heldout_scenes, training_scenes
 from workbench.world.render import WorldConfig, render, sample_starts
 
@@ -42,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--eval-steps", type=int, default=16)
     p.add_argument("--eval-seeds", type=int, default=4)
+    p.add_argument("--in-channels", type=int, default=None, choices=[3, 4, 6],
+                   help="RGB, + frame ramp, or + frame/row/column ramps (default: the bundled config)")
+    p.add_argument("--patch-t", type=int, default=None, help="temporal patch size (default: the bundled config's)")
     p.add_argument("--init", default=None, help="start from the weights of a bundled-layout directory (resume/fine-tune)")
     p.add_argument("--out", required=True)
     return p.parse_args(argv)
@@ -102,6 +105,33 @@ def evaluate(model: TinyWorldModel, steps: int, seeds_per_prompt: int) -> dict:
     return out
 
 
+FLIP = {"left": "right", "right": "left", "up": "down", "down": "up"}
+
+
+@torch.no_grad()
+def direction_sign_gap(transformer, text_encoder, x0, scene_list, sigma: float, seed: int = 0) -> float:
+    """Relative loss increase when the prompt names the opposite direction (0 = the model ignores the sign).
+
+    A model that learned motion only up to its sign scores the same loss for 'left' and 'right';
+    this is the number to watch while training (it was ~0 for the first bundled weights).
+    """
+    from dataclasses import replace
+
+    dev = x0.device
+    g = torch.Generator(device=dev).manual_seed(seed)
+    noise = torch.randn(x0.shape, generator=g, device=dev)
+    sig = torch.full((x0.shape[0],), sigma, device=dev)
+    xt = (1 - sigma) * x0 + sigma * noise
+    losses = []
+    for scenes in (scene_list, [replace(s, direction=FLIP[s.direction]) for s in scene_list]):
+        ids = tokenize([s.prompt for s in scenes]).to(dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            pred = transformer(with_coordinate_channels(xt, transformer.config.in_channels), sig * 1000,
+                               text_encoder(ids), return_dict=False)[0]
+        losses.append(F.mse_loss(pred.float(), noise - x0))
+    return float((losses[1] - losses[0]) / losses[0])
+
+
 def main(argv=None) -> dict:
     a = parse_args(argv)
     torch.manual_seed(a.seed)
@@ -110,7 +140,12 @@ def main(argv=None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     world = WorldConfig()
-    transformer = build_transformer().to(dev)
+    overrides = {}
+    if a.in_channels:
+        overrides["in_channels"] = a.in_channels
+    if a.patch_t:
+        overrides["patch_size"] = (a.patch_t, 4, 4)
+    transformer = build_transformer(**overrides).to(dev)
     text_encoder = TextEncoder().to(dev)
     if a.init:
         from workbench.models.bundled import load_from_dir
@@ -137,11 +172,14 @@ def main(argv=None) -> dict:
     scene_ids = tokenize([s.prompt for s in scenes]).to(dev)
     null_ids = tokenize([""]).to(dev)
     print(f"rendered {len(data)} clips in {time.time() - t_data:.1f}s", flush=True)
+    probe = torch.arange(0, len(data), max(1, len(data) // 128), device=dev)[:128]
+    probe_x0 = data[probe].float() / 127.5 - 1
+    probe_scenes = [scenes[int(i)] for i in labels[probe].cpu()]
 
     total = a.steps
     log = {"args": vars(a), "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
            "params_transformer": sum(p.numel() for p in transformer.parameters()),
-           "params_text_encoder": sum(p.numel() for p in text_encoder.parameters()), "loss": []}
+           "params_text_encoder": sum(p.numel() for p in text_encoder.parameters()), "loss": [], "sign_gap": []}
     t0 = time.time()
     running = 0.0
     step = 0
@@ -159,7 +197,7 @@ def main(argv=None) -> dict:
             gr["lr"] = lr_at(step, total, a.warmup, a.lr)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             emb = text_encoder(ids)
-            pred = transformer(with_time_channel(xt, transformer.config.in_channels), sig * 1000, emb, return_dict=False)[0]
+            pred = transformer(with_coordinate_channels(xt, transformer.config.in_channels), sig * 1000, emb, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -186,6 +224,11 @@ def main(argv=None) -> dict:
             print(f"step {step}/{total} loss {running / n:.4f} lr {opt.param_groups[0]['lr']:.2e} "
                   f"{time.time() - t0:.0f}s", flush=True)
             running = 0.0
+        if step % 500 == 0 or step == total:
+            gaps = [direction_sign_gap(transformer, text_encoder, probe_x0, probe_scenes, sg) for sg in (0.5, 0.8)]
+            transformer.train(), text_encoder.train()
+            log["sign_gap"].append([step, *gaps])
+            print(f"step {step} direction sign gap (sigma 0.5, 0.8): {gaps[0]:+.3f} {gaps[1]:+.3f}", flush=True)
     log["steps"] = total
     log["train_seconds"] = time.time() - t0
     model = TinyWorldModel(ema_t.float(), ema_e.float(), dict(SCHEDULER_CONFIG), world)
