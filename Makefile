@@ -29,6 +29,7 @@ app: setup
 
 bench-quality: setup
 	$(BIN)/python scripts/bench_quality.py
+	$(BIN)/python scripts/bench_ablations.py
 
 clean-venv:
 	rm -rf $(VENV)
