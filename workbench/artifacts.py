@@ -17,7 +17,9 @@ Directory layout (format version 1):
   mixed-precision rules), per-layer formats, and the size and sha256 of every other file.
 
 Loading rebuilds the FP transformer from the saved class, config and weights, re-applies the saved
-QuantConfig with `quantize_model`, restores smoothing / rotation and loads the state strictly. Any
+QuantConfig with `quantize_model`, restores smoothing / rotation, re-creates the output corrections
+(`extras`: LoRA / TQE / binary residual branches, by class and constructor arguments) and loads the
+state strictly. Any
 missing, truncated, corrupt or mismatched file is an error naming the file.
 """
 
@@ -133,6 +135,7 @@ def save_quantized(session, out_dir: str | Path, force: bool = False) -> Path:
         },
         "quant_config": session.quant_config.to_dict(),
         "layers": layer_formats(qt),
+        "extras": extras_manifest(qt),
         "versions": {"workbench": workbench.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__},
         "files": {f: {"sha256": _sha256(out / f), "bytes": (out / f).stat().st_size} for f in files},
     }
@@ -222,6 +225,33 @@ def _text_to_video(manifest: dict[str, Any], d: Path, transformer: nn.Module):
     return TinyWorldModel(transformer, te.eval(), sched, world, m["name"])
 
 
+def extras_manifest(model: nn.Module) -> dict[str, dict[str, dict[str, Any]]]:
+    """{layer: {key: {"class": "module:qualname", "init": kwargs}}} of every QuantLinear extra (LoRA, TQE,
+    binary residual branches), so loading can rebuild them before the state is loaded strictly."""
+    from workbench.quant import QuantLinear
+    from workbench.stages.export import _extra_entry
+
+    return {name: {key: _extra_entry(name, key, extra) for key, extra in m.extras.items()}
+            for name, m in model.named_modules() if isinstance(m, QuantLinear) and len(m.extras)}
+
+
+def rebuild_extras(model: nn.Module, extras: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """Re-create the extras recorded by `extras_manifest` (their values come with the saved state)."""
+    import importlib
+
+    for layer, entries in extras.items():
+        module = model.get_submodule(layer)
+        for key, spec in entries.items():
+            mod, _, qual = spec["class"].partition(":")
+            try:
+                cls = importlib.import_module(mod)
+                for part in qual.split("."):
+                    cls = getattr(cls, part)
+            except (ImportError, AttributeError) as e:
+                raise ArtifactError(f"{MANIFEST}: extra {key!r} of {layer} needs class {spec['class']} ({e})") from None
+            module.extras[key] = cls(**(spec.get("init") or {}))
+
+
 def load_quantized(directory: str | Path) -> tuple[Any, nn.Module, dict[str, Any]]:
     """(model, qtransformer, manifest) from a directory written by `save_quantized`.
 
@@ -255,6 +285,7 @@ def load_quantized(directory: str | Path) -> tuple[Any, nn.Module, dict[str, Any
                 if not isinstance(module, QuantLinear):
                     raise ArtifactError(f"{STATE_FILE}: {key} belongs to no quantized linear of the rebuilt model")
                 getattr(module, setter)(value)
+    rebuild_extras(qt, manifest.get("extras") or {})
     result = qt.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         what = result.missing_keys[:1] or result.unexpected_keys[:1]

@@ -110,3 +110,18 @@ def test_mpq_zero_init_ablation_starts_from_plain_quantization():
     assert "trd" not in rep.arrays["curves"]
     with pytest.raises(ValueError, match="lora_init"):
         MPQSettings(lora_init="random")
+
+
+def test_branches_survive_save_and_load(tmp_path):
+    from workbench.artifacts import load_quantized, save_quantized
+
+    s = fresh()
+    mpq_distill(s, MPQSettings(iters=1, lora_rank=2, trd=False, blocks=["blocks.0"], eval_rows=0, stat_calls=1))
+    save_quantized(s, tmp_path / "q")
+    _, qt, manifest = load_quantized(tmp_path / "q")
+    assert manifest["extras"] and set(next(iter(manifest["extras"].values()))) == {"residual", "lora"}
+    entry = s.calibration.entries[0]
+    with torch.no_grad():
+        a = s.qtransformer(*entry.args, **entry.kwargs)[0]
+        b = qt(*entry.args, **entry.kwargs)[0]
+    assert torch.equal(a, b)
