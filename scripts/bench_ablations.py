@@ -117,11 +117,15 @@ def section(results: dict[str, list[tuple[str, str, dict]]], settings: EvalSetti
         full = next(r for v, _, r in rows if v == "full")
         lines += [f"### {paper} (`{recipe}`)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for variant, removed, r in rows:
+            if r is None or full is None:
+                lines.append(f"| {variant} | {removed} | " + " | ".join("not run" if r is None else fmt(r.get(c))
+                                                                       for c in COLUMNS) + " | - | - | - | - |")
+                continue
             d_acc = r["oracle_accuracy"] - full["oracle_accuracy"]
             d_psnr = r["psnr_vs_fp"] - full["psnr_vs_fp"]
             v = "-" if variant == "full" else verdict(r, full)
             lines.append(f"| {variant} | {removed} | " + " | ".join(fmt(r.get(c)) for c in COLUMNS)
-                         + f" | {d_acc:+.3f} | {d_psnr:+.2f} | {v} | {fmt(r.get('quantize_s'))} |")
+                         + f" | {d_acc:+.3f} | {d_psnr:+.2f} | {v} | {r.get('quantize_s', 0):.0f} |")
         lines.append("")
     lines += [END]
     return lines
@@ -165,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=16, help="sampling steps of the evaluation")
     ap.add_argument("--prompts", type=int, default=None, help="use only the first N held-out prompts")
     ap.add_argument("--seed", type=int, default=0, help="seed of the first video and of the recipes")
+    ap.add_argument("--cached-only", action="store_true", help="write the tables from cached rows only (missing "
+                    "rows are marked as not run)")
     args = ap.parse_args(argv)
 
     papers = [p.strip() for p in args.papers.split(",") if p.strip()]
@@ -181,8 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     weights = bench_quality.weights_hash(model)
     fp = load_fp(model, settings, cache, args.fresh, weights)
     results: dict[str, list[tuple[str, str, dict]]] = {}
+    # one component of every paper before the second of any (an interrupted run still covers each paper);
     # the full recipes last: bench_quality (run first by `make bench-quality`) has usually cached them
-    todo = [(p, v) for p in papers for v in ABLATIONS[p][1] if v[0] != "full"]
+    removed = {p: [v for v in ABLATIONS[p][1] if v[0] != "full"] for p in papers}
+    todo = [(p, removed[p][i]) for i in range(max(len(v) for v in removed.values())) for p in papers
+            if i < len(removed[p])]
     todo += [(p, v) for p in papers for v in ABLATIONS[p][1] if v[0] == "full"]
     done: dict[tuple[str, str], dict] = {}
     for paper, (variant, removed, change) in todo:
@@ -192,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         if f.exists() and not args.fresh:
             row = json.loads(f.read_text())
             print(f"[ablations] {paper} / {variant}: cached", flush=True)
+        elif args.cached_only:
+            print(f"[ablations] {paper} / {variant}: not in the cache, left out (--cached-only)", flush=True)
+            continue
         else:
             print(f"[ablations] {paper} / {variant}: running {recipe.name} ...", flush=True)
             t = time.perf_counter()
@@ -206,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['psnr_vs_fp']:.2f} dB, quantize {q_s:.0f} s", flush=True)
         done[paper, variant] = row
     for paper in papers:
-        results[paper] = [(v, removed, done[paper, v]) for v, removed, _ in ABLATIONS[paper][1]]
+        results[paper] = [(v, what, done.get((paper, v))) for v, what, _ in ABLATIONS[paper][1]]
     write_section(Path(args.out), section(results, settings))
     print(f"[ablations] wrote the ablation section of {args.out}", flush=True)
     return 0
