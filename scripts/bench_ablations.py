@@ -130,7 +130,7 @@ def comparison(rows: dict[str, dict], fp: dict) -> list[str]:
               "frame; the in-quantizer estimate is folded into the int weights) and mpq-dmv2's rank-4 LoRA branch "
               "(fp16) and binary residual (5% of the entries: a sign and a position each) - on this 128-wide model "
               "that is roughly +0.4 (q-vdit) and +1.5 (mpq-dmv2) bits per weight; on a 3072-wide model the same "
-              "ranks cost about 0.02 and 0.8. s2q-vdit folds everything into plain int4 weights.",
+              "ranks cost about 0.02 and 1.0 (the residual positions dominate). s2q-vdit folds everything into plain int4 weights.",
               "", "Quality bar (from the rows above):", ""]
     for method, base in TARGETS:
         m, b = rows.get(method), rows.get(base)
