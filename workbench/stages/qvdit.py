@@ -12,10 +12,12 @@ Token-aware Quantization Estimator (TQE), per quantized linear layer, as in the 
   y = Q(x) W_q^T + m_token * (Q(x) A_out^T B_out^T) (rank `tqe_out_rank`, B_out zero at start, m = 1),
   so the error estimate can differ between frames (Q-VDiT's temporal-token mask). Layers whose input
   is not the video token sequence (cross-attention keys / values read the text) get no token scale.
-Temporal Maintenance Distillation (TMD): besides the reconstruction loss, each block's output is
-compared frame to frame: S = cos(f_i, f_j) over the frames i, j of a video (f: all tokens of a frame),
-and the loss KL(softmax(S_fp / tau) || softmax(S_q / tau)) keeps the quantized model's inter-frame
-relations those of the FP model (every frame optimised with the whole video as context).
+Temporal Maintenance Distillation (TMD): besides the reconstruction loss, the output is compared frame
+to frame: S = cos(f_i, f_j) over the frames i, j of a video (f: all values of a frame), and the loss
+KL(softmax(S_fp / tau) || softmax(S_q / tau)) keeps the quantized model's inter-frame relations those of
+the FP model (every frame optimised with the whole video as context). The public code trains all TQE
+parameters and weight scales together on the transformer's output video (`mode="e2e"`, what the
+q-vdit recipes use); `mode="block"` applies the same loss to each block's tokens instead.
 
 The report holds the training curves, the TQE magnitude per layer (||B_in A_in|| / ||W|| and the
 token branch's ||m|| ||B_out A_out|| / ||W||), the learned token scales, and the frame-similarity
