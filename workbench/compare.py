@@ -239,6 +239,16 @@ def compare(
                       layer_output_errors(model, qt, prompt, int(seed)))
 
 
+def comparison_html(c: Comparison) -> str:
+    """The comparison as an HTML fragment (notebooks: `IPython.display.HTML`): FP, quantized and difference
+    videos side by side, then the metrics table."""
+    from workbench.report import clips_html, table_html
+
+    clips = [("full precision", c.fp_video), (f"quantized: {c.recipe}", c.q_video),
+             (f"|quantized - FP| x{DIFF_GAIN:g}", c.diff_video)]
+    return f"<p>{c.prompt} (seed {c.seed})</p>" + clips_html(clips) + table_html(c.metrics)
+
+
 def layer_error_figure(rows: list[dict], title: str = "Per-layer output error, quantized vs FP"):
     """Bar chart of `layer_output_errors` rows, in network order."""
     import plotly.graph_objects as go

@@ -43,13 +43,17 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
-def _table_html(rows: list[dict]) -> str:
+def table_html(rows: list[dict]) -> str:
+    """An HTML table of dict rows (columns: every key, in first-seen order; floats to 4 significant digits)."""
     if not rows:
         return ""
     cols = list(dict.fromkeys(k for r in rows for k in r))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_table_html = table_html
 
 
 # the video grid's own rules (safe inside a notebook) and the page's
@@ -72,11 +76,17 @@ def videos_html(rows: list[VideoRow], prompts: list[str], max_videos: int = 16, 
     return "\n".join(parts)
 
 
+def clips_html(clips: list[tuple[str, torch.Tensor]], style: bool = True) -> str:
+    """Labelled clips (3, F, H, W) in one row, side by side (an HTML fragment)."""
+    cells = "".join(f"<div class='vid'><img src='{gif_data_uri(v)}'><br>{html.escape(label)}</div>" for label, v in clips)
+    return (GRID_STYLE if style else "") + f"<div class='row'>{cells}</div>"
+
+
 def _stage_html(rep, first_fig: bool, level: int = 2) -> tuple[list[str], bool]:
     parts = [f"<h{level}>Stage: {html.escape(rep.name)}</h{level}>"]
     summary = getattr(rep, "summary", None)
     if summary:
-        parts.append(_table_html([summary]))
+        parts.append(table_html([summary]))
     for note in getattr(rep, "notes", None) or []:
         parts.append(f"<p>{html.escape(str(note))}</p>")
     for fig in rep.figures():
@@ -99,7 +109,7 @@ def render_html(content: ReportContent, max_videos: int = 16) -> str:
     for n in content.notes:
         parts.append(f"<p>{html.escape(n)}</p>")
     if content.table:
-        parts += ["<h2>Results</h2>", _table_html(content.table)]
+        parts += ["<h2>Results</h2>", table_html(content.table)]
     if content.rows:
         parts.append("<h2>Videos (same prompt and seed in each column)</h2>")
         parts.append(videos_html(content.rows, content.prompts, max_videos, style=False))
