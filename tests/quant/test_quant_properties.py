@@ -138,3 +138,8 @@ def test_quant_linear_transforms_cancel_and_dequantized_weight_matches(out_f, in
     q.weight_quantizer.mode = "quantize"
     expected = torch.nn.functional.linear(x, q.dequantized_weight(), q.bias)
     torch.testing.assert_close(q(x), expected, rtol=1e-4, atol=1e-4 * y.abs().max().item())
+    # setting both transforms at once gives the same layer as one after the other
+    both = QuantLinear.from_linear(lin, QuantSpec(w_fmt, "channel"), QuantSpec("int8", "token", dynamic=True))
+    both.set_balance(q.smooth, q.rotation)
+    q.input_quantizer.mode = "quantize"
+    assert torch.equal(both.quantized_weight(), q.quantized_weight()) and torch.equal(both(x), q(x))

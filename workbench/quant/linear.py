@@ -105,11 +105,7 @@ class QuantLinear(nn.Module):
     def set_smooth(self, s: torch.Tensor | None) -> None:
         """Use per-input-channel smoothing scales s (None removes them). Static input ranges are reset,
         since the input distribution they describe changed; the weight range is recomputed."""
-        if s is not None:
-            if s.shape != (self.in_features,):
-                raise ValueError(f"smooth scales must have shape ({self.in_features},), got {tuple(s.shape)}")
-            s = s.detach().float().to(self.weight.device)
-        self.smooth = s
+        self.smooth = self._checked_smooth(s)
         self._after_transform_change()
 
     def smooth_(self, alpha: float = 0.5) -> torch.Tensor:
@@ -122,15 +118,33 @@ class QuantLinear(nn.Module):
 
     def set_rotation(self, r: torch.Tensor | None) -> None:
         """Rotate input and weight by the orthogonal matrix r (in x in); None removes the rotation."""
-        if r is not None:
-            n = self.in_features
-            if r.shape != (n, n):
-                raise ValueError(f"rotation must have shape ({n}, {n}), got {tuple(r.shape)}")
-            r = r.detach().float().to(self.weight.device)
-            if not torch.allclose(r @ r.T, torch.eye(n, device=r.device), atol=1e-4):
-                raise ValueError("rotation matrix must be orthogonal (R R^T = I)")
-        self.rotation = r
+        self.rotation = self._checked_rotation(r)
         self._after_transform_change()
+
+    def set_balance(self, s: torch.Tensor | None, r: torch.Tensor | None) -> None:
+        """Set smoothing scales and rotation together: one weight-range recomputation instead of two
+        (an MSE weight observer makes each one cost a range search)."""
+        smooth, rotation = self._checked_smooth(s), self._checked_rotation(r)
+        self.smooth, self.rotation = smooth, rotation
+        self._after_transform_change()
+
+    def _checked_smooth(self, s: torch.Tensor | None) -> torch.Tensor | None:
+        if s is None:
+            return None
+        if s.shape != (self.in_features,):
+            raise ValueError(f"smooth scales must have shape ({self.in_features},), got {tuple(s.shape)}")
+        return s.detach().float().to(self.weight.device)
+
+    def _checked_rotation(self, r: torch.Tensor | None) -> torch.Tensor | None:
+        if r is None:
+            return None
+        n = self.in_features
+        if r.shape != (n, n):
+            raise ValueError(f"rotation must have shape ({n}, {n}), got {tuple(r.shape)}")
+        r = r.detach().float().to(self.weight.device)
+        if not torch.allclose(r @ r.T, torch.eye(n, device=r.device), atol=1e-4):
+            raise ValueError("rotation matrix must be orthogonal (R R^T = I)")
+        return r
 
     def _after_transform_change(self) -> None:
         self._weight_cache = None

@@ -167,8 +167,8 @@ def _balance(m: QuantLinear, alpha: float | None, rotate: bool, absmax: torch.Te
              seed: int, max_timestep: float) -> float:
     """Give m smoothing with `alpha` (None: none) and the rotation (or none); with samples, calibrate a
     static input range on them and return the layer's output error (else 0)."""
-    m.set_smooth(None if alpha is None else smooth_scales(absmax, m.weight, alpha))
-    m.set_rotation(rotation_matrix(m.in_features, seed) if rotate else None)
+    m.set_balance(None if alpha is None else smooth_scales(absmax, m.weight, alpha),
+                  rotation_matrix(m.in_features, seed) if rotate else None)
     if samples is None:
         return 0.0
     if _static(m):
