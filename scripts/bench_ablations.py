@@ -97,6 +97,8 @@ def verdict(row: dict, full: dict) -> str:
     """Whether removing the component hurt (lower oracle accuracy or PSNR vs FP, neither better)."""
     d_acc = row["oracle_accuracy"] - full["oracle_accuracy"]
     d_psnr = row["psnr_vs_fp"] - full["psnr_vs_fp"]
+    if d_acc == 0 and abs(d_psnr) < 0.1:
+        return "no clear difference"
     if d_acc <= 0 and d_psnr <= 0 and (d_acc < 0 or d_psnr < 0):
         return "worse"
     if d_acc >= 0 and d_psnr >= 0:
@@ -154,7 +156,8 @@ def section(results: dict[str, list[tuple[str, str, dict]]], settings: EvalSetti
              f"`python scripts/bench_ablations.py`: each paper's recipe with one component removed at a time, "
              f"evaluated like the table above ({len(settings.prompts)} held-out prompts, {settings.steps} steps, "
              "same seeds as FP). `delta` columns are differences to the full recipe; `verdict` says whether "
-             "removing the component made the result worse (lower oracle accuracy and/or PSNR, neither higher). "
+             "removing the component made the result worse (lower oracle accuracy and/or PSNR, neither higher; "
+             "'no clear difference': same accuracy and PSNR within 0.1 dB). "
              "Oracle accuracy moves in steps of 1/64 (16 videos x 4 attributes), so small differences are noise.", ""]
     head = ["variant", "removed", *COLUMNS, "d oracle", "d psnr", "verdict", "quantize s"]
     for paper, rows in results.items():
