@@ -40,7 +40,7 @@ class QuantizedEntry:
 
 def _row(label: str, metrics: dict, info: dict | None = None) -> dict:
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not k.startswith(("per_", "fp_"))}
-    first = {k: scalars.pop(k) for k in TABLE_KEYS if k in scalars}
+    first = {k: scalars.pop(k, None) for k in TABLE_KEYS}  # every row has these columns, in this order
     return {"model": label, **(info or {}), **first, **scalars}
 
 
