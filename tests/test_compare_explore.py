@@ -27,6 +27,10 @@ def test_scaled_recipe_caps_calibration_and_keeps_the_method():
     assert scaled_recipe("vidit-q-w4a8", FULL).stages == full.stages
     assert scaled_recipe("naive-w8a8", CalibrationBudget(prompts=100)).stages == load_recipe("naive-w8a8").stages
     quick.settings()  # still valid settings for every stage
+    distilled = dict(scaled_recipe("q-vdit-w3a6", QUICK).stages)
+    assert distilled["qvdit_distill"]["iters"] == QUICK.iters
+    assert {k: v for k, v in distilled["qvdit_distill"].items() if k != "iters"} == \
+        {k: v for k, v in dict(load_recipe("q-vdit-w3a6").stages)["qvdit_distill"].items() if k != "iters"}
     with pytest.raises(RecipeError, match="available recipes"):
         scaled_recipe("no-such-recipe", QUICK)
 

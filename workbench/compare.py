@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -61,30 +61,35 @@ def recipe_name(choice: str) -> str:
 
 @dataclass(frozen=True)
 class CalibrationBudget:
-    """How much FP data a recipe's stages see; None keeps the recipe's own number.
+    """How much FP data and training a recipe's stages get; None keeps the recipe's own number.
 
     prompts / steps: the `collect_calibration` prompt set and sampling steps (and the prompt set and steps
         of the `analyze_error_sources` sensitivity videos, capped at these).
-    The method is unchanged: a smaller budget gives noisier ranges and rankings, in a fraction of the time.
+    iters: optimizer steps of the distillation stages (any stage setting called `iters`), capped at this.
+    The method is unchanged: a smaller budget gives noisier ranges, rankings and corrections, in a fraction
+    of the time.
     """
 
     prompts: int | None = None
     steps: int | None = None
+    iters: int | None = None
 
     @property
     def label(self) -> str:
-        if self.prompts is None and self.steps is None:
+        if self.prompts is None and self.steps is None and self.iters is None:
             return "as in the recipe"
-        return f"{self.prompts or 'recipe'} prompts x {self.steps or 'recipe'} steps"
+        text = f"{self.prompts or 'recipe'} prompts x {self.steps or 'recipe'} steps"
+        return text + (f", <= {self.iters} training steps" if self.iters is not None else "")
 
 
 FULL = CalibrationBudget()
-QUICK = CalibrationBudget(prompts=2, steps=4)
+QUICK = CalibrationBudget(prompts=2, steps=4, iters=20)
 
 
 def scaled_recipe(recipe, budget: CalibrationBudget = QUICK):
     """The recipe (name, path or Recipe) with its calibration / analysis prompt sets scaled to `budget`."""
     from workbench.recipes import load_recipe
+    from workbench.stages import STAGES
 
     r = load_recipe(recipe)
     if budget == FULL:
@@ -98,6 +103,9 @@ def scaled_recipe(recipe, budget: CalibrationBudget = QUICK):
                     s[key] = min(int(s.get(key, cap)), cap)
             if name == "analyze_error_sources" and budget.prompts is not None:
                 s["calibration_prompts"] = min(int(s.get("calibration_prompts", budget.prompts)), budget.prompts)
+        if budget.iters is not None and name in STAGES and "iters" in {f.name for f in fields(STAGES[name][1])}:
+            default = STAGES[name][1]().iters
+            s["iters"] = min(int(s.get("iters", default)), budget.iters)
         stages.append((name, s))
     return replace(r, stages=stages, description=f"{r.description} [calibration budget: {budget.label}]".strip())
 
