@@ -122,6 +122,32 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from workbench.artifacts import load_quantized
+    from workbench.packed import load_packed
+    from workbench.stages.export import export_model
+
+    _, qtransformer, manifest = load_quantized(args.dir)
+    out = export_model(qtransformer, args.out, manifest.get("recipe"), force=args.force)
+    load_packed(out, backend="reference")  # the export must reload (sizes, hashes, shapes) before we say done
+    sizes = json.loads((out / "manifest.json").read_text())["sizes"]
+    print(json.dumps({"packed": str(out), **{k: v for k, v in sizes.items() if isinstance(v, (int, float))}}))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from workbench.bench import BenchSettings, run_bench
+
+    s = BenchSettings(out=args.out, quick=args.quick, micro_budget_s=args.micro_budget, e2e_budget_s=args.e2e_budget,
+                      models=args.models, e2e_variants=args.variants, skip_micro=args.skip_micro,
+                      skip_e2e=args.skip_e2e, dry_run_cpu=args.dry_run_cpu, force=args.force)
+    result = run_bench(s)
+    for t in result["targets"]:
+        print(f"[{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['measured']}")
+    print(f"wrote {s.out}")
+    return 0
+
+
 def _add_sampling(p: argparse.ArgumentParser, prompts: bool = True) -> None:
     p.add_argument("--model", default="tiny-world", help="bundled model name (default tiny-world)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first video; video i uses seed+i")
@@ -189,6 +215,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=2, help="generated prompts of the sensitivity analysis")
     p.add_argument("--steps", type=int, default=8, help="sampling steps of the sensitivity videos")
     p.set_defaults(fn=cmd_analyze)
+
+    p = sub.add_parser("export", help="pack a quantized model (from `workbench quantize`) into low-bit safetensors")
+    p.add_argument("dir", help="directory written by `workbench quantize`")
+    p.add_argument("--out", required=True, help="directory for the packed model (must be empty unless --force)")
+    p.add_argument("--force", action="store_true", help="replace a previous export in --out")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("bench", help="GPU benchmark: kernels and end-to-end forwards vs bf16 and torchao")
+    p.add_argument("--out", default="docs/benchmarks.md", help="markdown page to write (a .json lands beside it)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--quick", action="store_true", help="fewer kernel variants")
+    p.add_argument("--micro-budget", type=float, default=225.0, help="seconds for the kernel microbenchmarks")
+    p.add_argument("--e2e-budget", type=float, default=None, help="seconds per end-to-end model")
+    p.add_argument("--models", default=None, help="end-to-end cases to run (substrings: CogVideoX, Wan)")
+    p.add_argument("--variants", default=None, help="end-to-end variants to run (exact names, comma-separated)")
+    p.add_argument("--skip-micro", action="store_true")
+    p.add_argument("--skip-e2e", action="store_true")
+    p.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes on the CPU reference path")
+    p.set_defaults(fn=cmd_bench)
     return ap
 
 
@@ -196,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (PromptError, ValueError, FileExistsError, FileNotFoundError, FloatingPointError) as e:
+    except (PromptError, ValueError, FileExistsError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
