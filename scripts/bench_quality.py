@@ -96,6 +96,10 @@ def fmt(v) -> str:
     return str(v)
 
 
+def secs(v) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
 def checks(rows: dict[str, dict], fp: dict) -> list[str]:
     """The issue's quality bar on the measured rows: every vidit-q recipe against the naive recipe of the
     same bit-width (psnr_vs_fp, oracle_accuracy), and vidit-q-w8a8's oracle accuracy drop vs FP."""
@@ -148,11 +152,11 @@ def write_markdown(path: Path, fp: dict, rows: dict[str, dict], settings: EvalSe
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
         "| FP | " + " | ".join(fmt(fp.get(c)) if c not in ("psnr_vs_fp", "ssim_vs_fp", "frechet_distance") else "-"
-                            for c in COLUMNS) + " | 32 | - | " + fmt(fp.get("eval_s")) + " |",
+                            for c in COLUMNS) + " | 32 | - | " + secs(fp.get("eval_s")) + " |",
     ]
     for name, r in rows.items():
         lines.append(f"| {name} | " + " | ".join(fmt(r.get(c)) for c in COLUMNS)
-                     + f" | {fmt(r.get('avg_weight_bits'))} | {fmt(r.get('quantize_s'))} | {fmt(r.get('eval_s'))} |")
+                     + f" | {fmt(r.get('avg_weight_bits'))} | {secs(r.get('quantize_s'))} | {secs(r.get('eval_s'))} |")
     lines += ["", "Per attribute (oracle accuracy of colour / shape / direction / speed):", "",
               "| recipe | " + " | ".join(EXTRA) + " |", "|" + "---|" * (len(EXTRA) + 1),
               "| FP | " + " | ".join(fmt(fp.get(c)) for c in EXTRA) + " |"]
