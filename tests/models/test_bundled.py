@@ -80,5 +80,6 @@ def test_coordinate_channels_give_absolute_frame_row_and_column():
     assert with_coordinate_channels(x, 3) is x
     with pytest.raises(ValueError, match="input channels"):
         with_coordinate_channels(x, 5)
-    assert build_transformer(num_layers=1).config.in_channels == 3  # the shipped weights' input
+    cfg = build_transformer(num_layers=1).config
+    assert cfg.in_channels == 6 and tuple(cfg.patch_size) == (2, 4, 4)  # the shipped weights' input
 

@@ -2,6 +2,9 @@
 
     python -m workbench.models.train --steps 6000 --batch 256 --seed 0 --device cuda --out runs/tiny-world
 
+The shipped weights came from four such runs chained with `--init` (README.md lists the commands);
+`--init` also inflates 1-frame-patch RGB weights to the 2-frame-patch 6-channel model (`widen_input`).
+
 Reproducible from `--seed` (data, init and noise all come from seeded generators). `--minutes`
 caps the run: after 120 steps (100 timed) the step count is fixed to fit it and logged, so the logged
 `--steps` reproduces the run. Writes the bundled layout plus `train_log.json` (loss curve, timings,
@@ -50,24 +53,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def widen_input(transformer, in_channels: int):
-    """A copy of `transformer` taking `in_channels` inputs; the new channels start with zero weights.
+def widen_input(transformer, in_channels: int, patch_t: int | None = None):
+    """A copy of `transformer` taking `in_channels` inputs and, optionally, a longer temporal patch.
 
-    Used to add the frame-index channel to weights trained without it: the widened model computes
-    exactly what the old one did until training teaches it to use the new channel.
+    New input channels start with zero weights (the wider model computes what the old one did until
+    training teaches it to use them). A temporal patch of `patch_t` frames is inflated as in I3D:
+    the patch embedding splits each old kernel evenly over the frames of the new patch and the output
+    projection repeats the old per-frame output for every frame, so the start is the old model run on
+    frame-pair averages and everything past the embeddings (attention, FFN, text) carries over.
     """
-    old = transformer.config.in_channels
-    if old == in_channels:
+    old_c = transformer.config.in_channels
+    old_pt = transformer.config.patch_size[0]
+    patch_t = patch_t or old_pt
+    if old_c == in_channels and old_pt == patch_t:
         return transformer
-    if in_channels < old:
-        raise ValueError(f"cannot narrow the input from {old} to {in_channels} channels")
+    if in_channels < old_c:
+        raise ValueError(f"cannot narrow the input from {old_c} to {in_channels} channels")
+    if patch_t % old_pt:
+        raise ValueError(f"temporal patch {patch_t} is not a multiple of the old patch {old_pt}")
+    rep = patch_t // old_pt
     cfg = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
     cfg["in_channels"] = in_channels
+    cfg["patch_size"] = (patch_t, *transformer.config.patch_size[1:])
     wide = type(transformer)(**cfg)
     state = transformer.state_dict()
-    w = state["patch_embedding.weight"]  # (out, in, kt, kh, kw)
-    pad = torch.zeros(w.shape[0], in_channels - old, *w.shape[2:], dtype=w.dtype)
-    state["patch_embedding.weight"] = torch.cat([w, pad], dim=1)
+    w = state["patch_embedding.weight"]  # (d, in, kt, kh, kw)
+    pad = torch.zeros(w.shape[0], in_channels - old_c, *w.shape[2:], dtype=w.dtype)
+    state["patch_embedding.weight"] = torch.cat([w, pad], dim=1).repeat(1, 1, rep, 1, 1) / rep
+    if rep > 1:
+        # proj_out rows are ordered (p_t, p_h, p_w, out_channels): repeat the old block over time.
+        pw, pb = state["proj_out.weight"], state["proj_out.bias"]
+        blk = pw.shape[0] // old_pt
+        state["proj_out.weight"] = pw.view(old_pt, blk, -1).repeat_interleave(rep, dim=0).reshape(-1, pw.shape[1])
+        state["proj_out.bias"] = pb.view(old_pt, blk).repeat_interleave(rep, dim=0).reshape(-1)
     wide.load_state_dict(state)
     return wide
 
@@ -151,7 +169,8 @@ def main(argv=None) -> dict:
         from workbench.models.bundled import load_from_dir
 
         start = load_from_dir(a.init)
-        transformer = widen_input(start.transformer, transformer.config.in_channels).to(dev).train()
+        transformer = widen_input(start.transformer, transformer.config.in_channels,
+                                  transformer.config.patch_size[0]).to(dev).train()
         text_encoder.load_state_dict(start.text_encoder.state_dict())
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01, betas=(0.9, 0.99))
@@ -225,10 +244,10 @@ def main(argv=None) -> dict:
                   f"{time.time() - t0:.0f}s", flush=True)
             running = 0.0
         if step % 500 == 0 or step == total:
-            gaps = [direction_sign_gap(transformer, text_encoder, probe_x0, probe_scenes, sg) for sg in (0.5, 0.8)]
+            gaps = [direction_sign_gap(transformer, text_encoder, probe_x0, probe_scenes, sg) for sg in (0.8, 0.95)]
             transformer.train(), text_encoder.train()
             log["sign_gap"].append([step, *gaps])
-            print(f"step {step} direction sign gap (sigma 0.5, 0.8): {gaps[0]:+.3f} {gaps[1]:+.3f}", flush=True)
+            print(f"step {step} direction sign gap (sigma 0.8, 0.95): {gaps[0]:+.3f} {gaps[1]:+.3f}", flush=True)
     log["steps"] = total
     log["train_seconds"] = time.time() - t0
     model = TinyWorldModel(ema_t.float(), ema_e.float(), dict(SCHEDULER_CONFIG), world)
