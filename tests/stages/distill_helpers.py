@@ -1,5 +1,5 @@
 """A tiny quantized session shared by the distillation tests: the 2-block bundled model sampling small clips
-(4 frames of 16 x 16 pixels: 64 tokens instead of 512, so training steps cost little), 2 prompts x 2
+(4 frames of 16 x 16 pixels: 32 tokens instead of 256, so training steps cost little), 2 prompts x 2
 sampling steps of calibration, W3A6 (int3 weights per channel, dynamic per-token uint6 activations).
 `fresh()` hands each test its own deep copy, so tests never see each other's training."""
 from __future__ import annotations
