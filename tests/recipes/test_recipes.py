@@ -11,7 +11,8 @@ from stage_helpers import tiny_world_model  # noqa: E402
 from workbench.quant import QuantConfig  # noqa: E402
 from workbench.recipes import RecipeError, list_recipes, load_recipe, recipe_from_dict, run_recipe  # noqa: E402
 
-EXPECTED = {"naive-w8a8", "naive-w4a8", "naive-w4a6", "naive-w3a6", "vidit-q-w8a8", "vidit-q-w4a8", "vidit-q-w4a6"}
+EXPECTED = {"naive-w8a8", "naive-w4a8", "naive-w4a6", "naive-w3a6", "vidit-q-w8a8", "vidit-q-w4a8", "vidit-q-w4a6",
+            "vidit-q-w3a6", "s2q-vdit-w4a6", "q-vdit-w3a6", "q-vdit-w4a6", "mpq-dmv2-w3a6", "mpq-dmv2-w4a6"}
 
 
 def test_every_recipe_loads():
