@@ -144,11 +144,14 @@ def run_bench(s: BenchSettings) -> dict[str, Any]:
             if rc:
                 micro_md = "**Some kernel correctness checks FAILED (see the checks table).**\n\n" + micro_md
 
-    def write() -> dict[str, Any]:  # after every part, so a run cut short still leaves its tables
-        tgt = targets(micro_rows, e2e_rows)
-        e2e_md = bench_e2e.markdown([bench_e2e.Row(**r) for r in e2e_rows]) if e2e_rows else None
+    def write(partial: list[dict] | None = None) -> dict[str, Any]:
+        """Write the page and JSON; called after every part and every end-to-end variant, so a run cut
+        short by a time limit still leaves what it measured."""
+        rows = e2e_rows + (partial or [])
+        tgt = targets(micro_rows, rows)
+        e2e_md = bench_e2e.markdown([bench_e2e.Row(**r) for r in rows]) if rows else None
         write_markdown(out, env, tgt, micro_md, e2e_md, time.time() - t0)
-        result = {"env": env, "targets": tgt, "micro": micro_rows, "e2e": e2e_rows, "settings": asdict(s)}
+        result = {"env": env, "targets": tgt, "micro": micro_rows, "e2e": rows, "settings": asdict(s)}
         out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
         return result
 
@@ -162,6 +165,6 @@ def run_bench(s: BenchSettings) -> dict[str, Any]:
             argv = (["--dry-run-cpu"] if s.dry_run_cpu else []) + ["--models", name, "--out", ""] + \
                    (["--variants", s.e2e_variants] if s.e2e_variants else []) + \
                    (["--budget", str(s.e2e_budget_s)] if s.e2e_budget_s else [])
-            e2e_rows += [asdict(r) for r in bench_e2e.main(argv)]
+            e2e_rows += [asdict(r) for r in bench_e2e.main(argv, on_row=lambda part: write([asdict(r) for r in part]))]
             result = write()
     return result

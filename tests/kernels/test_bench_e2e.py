@@ -32,8 +32,10 @@ def test_swap_ours_replaces_block_linears_and_fuses_gelu():
 def test_run_case_measures_error_and_routes_attention():
     case = bench_e2e.cases(dry=True)[1]
     variants = [v for v in bench_e2e.VARIANTS if v.name in ("bf16 eager", "ours W8A8 + qattn", "ours W4A8")]
+    seen: list[list[str]] = []
     rows = bench_e2e.run_case(case, variants, torch.device("cpu"), torch.float32, warmup=1, log=lambda m: None,
-                              min_attn_tokens=16)
+                              min_attn_tokens=16, on_row=lambda part: seen.append([r.variant for r in part]))
+    assert seen == [[v.name for v in variants[:i + 1]] for i in range(len(variants))]  # saved after every variant
     by = {r.variant: r for r in rows}
     assert all(r.error is None for r in rows), [r.error for r in rows]
     assert by["bf16 eager"].rel_err == 0.0 and by["bf16 eager"].speedup_vs_eager == pytest.approx(1.0)

@@ -243,8 +243,12 @@ def _allocated(device: torch.device) -> int:
 
 def run_case(case: ModelCase, variants: list[Variant], device: torch.device, dtype: torch.dtype,
              warmup: int = 2, budget_s: float | None = None, log: Callable[[str], None] = print,
-             min_attn_tokens: int = 1024) -> list[Row]:
-    """Time every variant on one case; a variant that fails or runs past the budget becomes an error row."""
+             min_attn_tokens: int = 1024, on_row: Callable[[list[Row]], None] | None = None) -> list[Row]:
+    """Time every variant on one case; a variant that fails or runs past the budget becomes an error row.
+
+    `on_row(rows)` is called after every variant with the rows so far, so a caller can save a run that a
+    time limit cuts short in the middle of a model (a compiled variant can take minutes).
+    """
     t_start = time.time()
     base = build(case, device, dtype)
     x = inputs(case, device, dtype)
@@ -306,14 +310,22 @@ def run_case(case: ModelCase, variants: list[Variant], device: torch.device, dty
         finally:
             del model
             torch._dynamo.reset()
+        _speedups(rows)
+        if on_row is not None:
+            on_row(rows)
+    _speedups(rows)
+    del base, x, ref
+    return rows
+
+
+def _speedups(rows: list[Row]) -> None:
+    """Fill each timed row's speedup over bf16 eager and bf16 torch.compile (where those ran)."""
     eager = next((r.ms for r in rows if r.variant == "bf16 eager" and r.ms), None)
     compiled = next((r.ms for r in rows if r.variant == "bf16 torch.compile" and r.ms), None)
     for r in rows:
         if r.ms:
             r.speedup_vs_eager = eager / r.ms if eager else None
             r.speedup_vs_compiled = compiled / r.ms if compiled else None
-    del base, x, ref
-    return rows
 
 
 def markdown(rows: list[Row]) -> str:
@@ -336,7 +348,7 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> list[Row]:
+def main(argv: list[str] | None = None, on_row: Callable[[list[Row]], None] | None = None) -> list[Row]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run-cpu", action="store_true", help="tiny configs on the CPU reference path")
     p.add_argument("--models", default=None, help="comma-separated substrings of case names to run")
@@ -365,7 +377,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
         if a.models and not any(m.strip() in case.name for m in a.models.split(",")):
             continue
         print(f"{case.name}: {case.tokens} tokens", flush=True)
-        rows += run_case(case, variants, device, dtype, budget_s=a.budget, min_attn_tokens=16 if dry else 1024)
+        done = list(rows)
+        rows += run_case(case, variants, device, dtype, budget_s=a.budget, min_attn_tokens=16 if dry else 1024,
+                         on_row=None if on_row is None else (lambda part, done=done: on_row(done + part)))
     md = markdown(rows)
     print(md)
     if a.out:
