@@ -325,7 +325,8 @@ def test_bundled_w8a8_round_trip(bundled, tmp_path):
     assert weights_exact(r, q, layers)
     fake = load_packed(tmp_path, backend="fake", verify=False)
     g = torch.Generator().manual_seed(0)
-    args = (torch.randn(1, 3, 8, 32, 32, generator=g), torch.tensor([500.0]), torch.randn(1, 8, 64, generator=g))
+    args = (torch.randn(1, bundled.transformer.config.in_channels, 8, 32, 32, generator=g), torch.tensor([500.0]),
+            torch.randn(1, 8, 64, generator=g))
     with torch.no_grad():
         assert torch.equal(fake(*args, return_dict=False)[0], q(*args, return_dict=False)[0])
 
@@ -348,7 +349,8 @@ def test_bundled_w4a8_bytes_and_videos(bundled, tmp_path):
     # a 1-ulp difference flips a few codes and re-quantization spreads it (the in-memory model itself
     # moves as much when its matmuls merely accumulate in float64), so compare with the quantization error
     g = torch.Generator().manual_seed(0)
-    args = (torch.randn(1, 3, 8, 32, 32, generator=g), torch.tensor([500.0]), torch.randn(1, 8, 64, generator=g))
+    args = (torch.randn(1, bundled.transformer.config.in_channels, 8, 32, 32, generator=g), torch.tensor([500.0]),
+            torch.randn(1, 8, 64, generator=g))
     with torch.no_grad():
         want, got, full = (t(*args, return_dict=False)[0] for t in (q, ref, bundled.transformer))
     kernel_err, quant_err = (got - want).abs().mean(), (want - full).abs().mean()

@@ -42,10 +42,10 @@ def test_block_reconstruction_lowers_the_block_error():
 
 def test_end_to_end_mode_trains_the_whole_transformer():
     s = fresh()
-    res = run_distillation(s, DistillSettings(mode="e2e", iters=6, lr=1e-2, scale_lr=1e-2, train=["scales"], eval_rows=4))
+    res = run_distillation(s, DistillSettings(mode="e2e", iters=12, lr=1e-3, scale_lr=1e-3, train=["scales"], eval_rows=4))
     (unit,) = res.units
-    assert unit.unit == "transformer" and len(unit.curves["total"]) == 6
-    assert unit.err_after < unit.err_before
+    assert unit.unit == "transformer" and len(unit.curves["total"]) == 12
+    assert unit.err_after < 0.9 * unit.err_before
 
 
 def _interrupt_at(unit: str, iteration: int):

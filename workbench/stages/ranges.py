@@ -22,6 +22,7 @@ three observers compare on each static layer.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -209,6 +210,8 @@ def calibrate_ranges(session: Session, settings: RangeSettings | None = None) ->
     if any(_static(m) and not m.input_quantizer.calibrated for m in layers.values()):
         calibrate_model(qt, session.calibration.runner(qt, session.calibration.select(None, s.calib_rows)))
     before = {n: layer_error(m, samples[n], max_t) for n, m in layers.items()}
+    # each layer as the stage found it: a layer the new observer / balancing makes worse is put back
+    previous = {n: copy.deepcopy(m) for n, m in layers.items()}
 
     new_config = respec_config(session.quant_config, s)
     if new_config != session.quant_config:
@@ -246,6 +249,14 @@ def calibrate_ranges(session: Session, settings: RangeSettings | None = None) ->
         with capturing_inputs(qt, static_names, record):
             calibrated = calibrate_model(qt, session.calibration.runner(qt, session.calibration.select(None, s.calib_rows)))
     after = {n: layer_error(m, samples[n], max_t) for n, m in layers.items()}
+    kept = [n for n in layers if after[n] > before[n]]
+    for n in kept:  # never leave a layer worse than the stage found it
+        qt.set_submodule(n, previous[n])
+        chosen_alpha[n] = None
+        after[n] = before[n]
+        static_names = [x for x in static_names if x != n] if not _static(previous[n]) else static_names
+    del previous
+    layers = quantized_linears()
 
     from workbench.models.adapters import adapter_for, layer_role
 
@@ -256,7 +267,7 @@ def calibrate_ranges(session: Session, settings: RangeSettings | None = None) ->
         err_rows.append({
             "layer": n, "role": layer_role(n, adapter), "act": str(iq.spec.format),
             "act_granularity": iq.spec.granularity, "dynamic": iq.spec.dynamic,
-            "alpha": chosen_alpha[n], "rotation": m.rotation is not None,
+            "alpha": chosen_alpha[n], "rotation": m.rotation is not None, "kept_previous": n in kept,
             "err_before": before[n], "err_after": after[n],
             "improvement": before[n] / after[n] if after[n] > 0 else None,
             "smooth_max": None if m.smooth is None else float(m.smooth.max()),
@@ -264,7 +275,7 @@ def calibrate_ranges(session: Session, settings: RangeSettings | None = None) ->
         })
         if n in static_names:
             lo, hi = _quantizer_range(iq, iq.scale, iq.zero)
-            olo, ohi = observed.get(n, [lo, hi])
+            olo, ohi = (lo, hi) if n in kept else observed.get(n, [lo, hi])  # kept: observed with the new balancing
             range_rows.append({
                 "layer": n, "observer": iq.spec.observer, "timestep_wise": iq.spec.timestep_wise,
                 "range_lo": lo, "range_hi": hi, "observed_lo": olo, "observed_hi": ohi,
@@ -300,9 +311,12 @@ def calibrate_ranges(session: Session, settings: RangeSettings | None = None) ->
             "rotated_layers": float(sum(m.rotation is not None for m in layers.values())),
             "mean_err_before": mean(before),
             "mean_err_after": mean(after),
+            "kept_previous_layers": float(len(kept)),
             "mean_clip_ratio": sum(r["clip_ratio"] for r in range_rows) / len(range_rows) if range_rows else 1.0,
         },
         tables={"layer_errors": err_rows, "ranges": range_rows, "observers": obs_rows},
+        notes=[f"{len(kept)} layer(s) kept the quantizer they had before this stage, because the new observer and "
+               f"balancing gave a larger output error there: {', '.join(kept)}"] if kept else [],
         arrays={"bucket_ranges": bucket_ranges},
         seconds=time.perf_counter() - t0,
     )
