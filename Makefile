@@ -39,7 +39,7 @@ browser:
 
 # The suite, the tutorial notebooks (executed top to bottom by nbmake) and the app in a real browser.
 test: setup $(if $(filter 1,$(WORKBENCH_SKIP_BROWSER)),,browser)
-	$(BIN)/python -m pytest -q tests notebooks --nbmake --nbmake-timeout=$(NBMAKE_TIMEOUT)
+	$(BIN)/python -m pytest -q tests notebooks --nbmake --nbmake-timeout=$(NBMAKE_TIMEOUT) --durations=15
 
 app: setup
 	$(BIN)/python app.py
