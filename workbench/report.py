@@ -53,8 +53,6 @@ def table_html(rows: list[dict]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-_table_html = table_html
-
 
 # the video grid's own rules (safe inside a notebook) and the page's
 GRID_STYLE = ("<style>.vid{display:inline-block;margin:2px;text-align:center;font-size:11px;width:136px;vertical-align:top}"
@@ -69,10 +67,8 @@ def videos_html(rows: list[VideoRow], prompts: list[str], max_videos: int = 16, 
     """The video grid as an HTML fragment: one labelled row per model, one column per prompt (same seed)."""
     parts = [GRID_STYLE] if style else []
     for row in rows:
-        parts.append(f"<div class='label'>{html.escape(row.label)}</div><div class='row'>")
-        for p, v in list(zip(prompts, row.videos))[:max_videos]:
-            parts.append(f"<div class='vid'><img src='{gif_data_uri(v)}'><br>{html.escape(p)}</div>")
-        parts.append("</div>")
+        parts.append(f"<div class='label'>{html.escape(row.label)}</div>"
+                     + clips_html(list(zip(prompts, row.videos))[:max_videos], style=False))
     return "\n".join(parts)
 
 

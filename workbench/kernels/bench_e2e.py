@@ -313,7 +313,6 @@ def run_case(case: ModelCase, variants: list[Variant], device: torch.device, dty
         _speedups(rows)
         if on_row is not None:
             on_row(rows)
-    _speedups(rows)
     del base, x, ref
     return rows
 

@@ -210,8 +210,9 @@ def calibrate_ranges(session: Session, settings: RangeSettings | None = None) ->
     if any(_static(m) and not m.input_quantizer.calibrated for m in layers.values()):
         calibrate_model(qt, session.calibration.runner(qt, session.calibration.select(None, s.calib_rows)))
     before = {n: layer_error(m, samples[n], max_t) for n, m in layers.items()}
-    # each layer as the stage found it: a layer the new observer / balancing makes worse is put back
-    previous = {n: copy.deepcopy(m) for n, m in layers.items()}
+    # each layer as the stage found it: a layer the new observer / balancing makes worse is put back.
+    # The stage never changes weights, so the copies share them (only quantizer state is duplicated).
+    previous = {n: copy.deepcopy(m, memo={id(p): p for p in m.parameters(recurse=False)}) for n, m in layers.items()}
 
     new_config = respec_config(session.quant_config, s)
     if new_config != session.quant_config:
@@ -254,9 +255,9 @@ def calibrate_ranges(session: Session, settings: RangeSettings | None = None) ->
         qt.set_submodule(n, previous[n])
         chosen_alpha[n] = None
         after[n] = before[n]
-        static_names = [x for x in static_names if x != n] if not _static(previous[n]) else static_names
     del previous
     layers = quantized_linears()
+    static_names = [n for n, m in layers.items() if _static(m)]
 
     from workbench.models.adapters import adapter_for, layer_role
 
