@@ -34,6 +34,34 @@ class BenchSettings:
     skip_e2e: bool = False
     dry_run_cpu: bool = False
     force: bool = False
+    append: bool = False  # extend an earlier run's page (same GPU) instead of replacing it
+
+
+def merge_e2e(old: list[dict], new: list[dict]) -> list[dict]:
+    """Rows of `old` updated by `new`, keyed by (model, variant); a new error/skip row never hides a measured one."""
+    out = {(r["model"], r["variant"]): r for r in old}
+    for r in new:
+        key = (r["model"], r["variant"])
+        prev = out.get(key)
+        if prev is not None and prev.get("ms") and not r.get("ms"):
+            continue
+        out[key] = r
+    return list(out.values())
+
+
+def load_previous(json_path: Path, env: dict) -> dict:
+    """An earlier run's results to extend; refuses a run made on another GPU (its speed-ups would not compare)."""
+    if not json_path.exists():
+        raise FileNotFoundError(f"--append needs an earlier run's {json_path}; run without --append first")
+    try:
+        prev = json.loads(json_path.read_text())
+        gpu = prev["env"]["gpu"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{json_path} is not a `workbench bench` result ({exc}); move it away or drop --append") from exc
+    if gpu != env["gpu"]:
+        raise ValueError(f"{json_path} was measured on {gpu!r}, this machine has {env['gpu']!r}: results of two GPUs "
+                         "cannot share one page; write a new page with --out")
+    return prev
 
 
 def _best(rows: list[dict], model: str, prefix: str, key: str = "speedup") -> dict | None:
@@ -77,7 +105,8 @@ def targets(micro_rows: list[dict], e2e_rows: list[dict]) -> list[dict[str, Any]
             out.append(dict(target=f"{model}: end to end >= 1.8x bf16 torch.compile and faster than torchao's best",
                             measured=txt, met=comp / b["ms"] >= 1.8 and (ao_best is None or b["ms"] < ao_best["ms"])))
         bf = next((r for r in e2e_rows if r["model"] == model and r["variant"] == "bf16 eager" and r.get("weight_gib")), None)
-        w4 = next((r for r in e2e_rows if r["model"] == model and r["variant"] == "ours W4A8" and r.get("weight_gib")), None)
+        w4 = next((r for r in e2e_rows if r["model"] == model and r["variant"].startswith("ours W4A8")
+                   and r.get("weight_gib")), None)
         if bf and w4:
             ratio = w4["weight_gib"] / bf["weight_gib"]
             out.append(dict(target=f"{model}: W4A8 weight memory <= 0.3x bf16",
@@ -100,11 +129,13 @@ def environment() -> dict[str, Any]:
 
 
 def write_markdown(path: Path, env: dict, tgt: list[dict], micro_md: str | None, e2e_md: str | None,
-                   wall_s: float) -> None:
-    lines = ["# GPU benchmarks", "",
-             f"Written by `workbench bench` on {env['date']}: **{env['gpu']}**, torch {env['torch']}, "
-             f"triton {env['triton']}, diffusers {env['diffusers']}, torchao {env['torchao']}; run took {wall_s / 60:.1f} min.",
-             "", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
+                   wall_s: float, parts: list[dict] | None = None) -> None:
+    head = (f"Written by `workbench bench` on {env['date']}: **{env['gpu']}**, torch {env['torch']}, "
+            f"triton {env['triton']}, diffusers {env['diffusers']}, torchao {env['torchao']}; run took {wall_s / 60:.1f} min.")
+    if parts and len(parts) > 1:
+        head += (" The page joins calls on the same GPU (`--append`; the device's per-command limit is 10 minutes): "
+                 + "; ".join(f"{p['date']} {p['what']} ({p['wall_s'] / 60:.1f} min)" for p in parts) + ".")
+    lines = ["# GPU benchmarks", "", head, "", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |" for t in tgt]
     if e2e_md:
         lines += ["", "## End-to-end transformer forward (batch 1, random weights, one denoising step)", "", e2e_md]
@@ -120,13 +151,23 @@ def run_bench(s: BenchSettings) -> dict[str, Any]:
         raise RuntimeError("`workbench bench` measures GPU kernels and needs a CUDA GPU; this machine has none. "
                            "Use --dry-run-cpu to check the benchmark's logic on tiny shapes.")
     out = Path(s.out)
-    if out.exists() and not s.force and not s.dry_run_cpu:
-        raise FileExistsError(f"{out} exists; pass --force to replace it (or --out another path)")
+    if out.exists() and not s.force and not s.append and not s.dry_run_cpu:
+        raise FileExistsError(f"{out} exists; pass --force to replace it, --append to extend it (same GPU), "
+                              "or --out another path")
     t0 = time.time()
     env = environment()
     micro_rows: list[dict] = []
     micro_md = None
     e2e_rows: list[dict] = []
+    parts: list[dict] = []
+    if s.append:
+        prev = load_previous(out.with_suffix(".json"), env)
+        micro_rows, micro_md = prev.get("micro", []), prev.get("micro_md")
+        e2e_rows, parts = prev.get("e2e", []), prev.get("parts", [])
+    what = ", ".join(x for x in (None if s.skip_micro else "kernels",
+                                 None if s.skip_e2e else f"end to end {s.models or 'all models'}") if x)
+    part = {"date": env["date"], "what": what, "wall_s": 0.0}
+    parts = parts + [part]
     if not s.skip_micro:  # its own process: the Triton interpreter flag must precede any triton import
         with tempfile.TemporaryDirectory() as tmp:
             penv = {**os.environ, "OUT": tmp, "PYTHONUNBUFFERED": "1"}
@@ -139,7 +180,7 @@ def run_bench(s: BenchSettings) -> dict[str, Any]:
             if not js.exists():
                 raise RuntimeError(f"the kernel microbenchmark exited with code {rc} before writing its results")
             micro = json.loads(js.read_text())
-            micro_rows = micro["rows"]
+            micro_rows = micro["rows"]  # a new kernel run replaces an appended page's kernel tables
             micro_md = (Path(tmp) / "gpu_kernels_bench.md").read_text()
             if rc:
                 micro_md = "**Some kernel correctness checks FAILED (see the checks table).**\n\n" + micro_md
@@ -147,11 +188,13 @@ def run_bench(s: BenchSettings) -> dict[str, Any]:
     def write(partial: list[dict] | None = None) -> dict[str, Any]:
         """Write the page and JSON; called after every part and every end-to-end variant, so a run cut
         short by a time limit still leaves what it measured."""
-        rows = e2e_rows + (partial or [])
+        rows = merge_e2e(e2e_rows, partial or [])
         tgt = targets(micro_rows, rows)
         e2e_md = bench_e2e.markdown([bench_e2e.Row(**r) for r in rows]) if rows else None
-        write_markdown(out, env, tgt, micro_md, e2e_md, time.time() - t0)
-        result = {"env": env, "targets": tgt, "micro": micro_rows, "e2e": rows, "settings": asdict(s)}
+        part["wall_s"] = time.time() - t0
+        write_markdown(out, env, tgt, micro_md, e2e_md, sum(p["wall_s"] for p in parts), parts)
+        result = {"env": env, "targets": tgt, "micro": micro_rows, "micro_md": micro_md, "e2e": rows,
+                  "parts": parts, "settings": asdict(s)}
         out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
         return result
 
@@ -165,6 +208,7 @@ def run_bench(s: BenchSettings) -> dict[str, Any]:
             argv = (["--dry-run-cpu"] if s.dry_run_cpu else []) + ["--models", name, "--out", ""] + \
                    (["--variants", s.e2e_variants] if s.e2e_variants else []) + \
                    (["--budget", str(s.e2e_budget_s)] if s.e2e_budget_s else [])
-            e2e_rows += [asdict(r) for r in bench_e2e.main(argv, on_row=lambda part: write([asdict(r) for r in part]))]
+            e2e_rows = merge_e2e(e2e_rows, [asdict(r) for r in bench_e2e.main(
+                argv, on_row=lambda rows: write([asdict(r) for r in rows]))])
             result = write()
     return result

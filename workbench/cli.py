@@ -140,7 +140,7 @@ def cmd_bench(args) -> int:
 
     s = BenchSettings(out=args.out, quick=args.quick, micro_budget_s=args.micro_budget, e2e_budget_s=args.e2e_budget,
                       models=args.models, e2e_variants=args.variants, skip_micro=args.skip_micro,
-                      skip_e2e=args.skip_e2e, dry_run_cpu=args.dry_run_cpu, force=args.force)
+                      skip_e2e=args.skip_e2e, dry_run_cpu=args.dry_run_cpu, force=args.force, append=args.append)
     result = run_bench(s)
     for t in result["targets"]:
         print(f"[{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['measured']}")
@@ -225,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="GPU benchmark: kernels and end-to-end forwards vs bf16 and torchao")
     p.add_argument("--out", default="docs/benchmarks.md", help="markdown page to write (a .json lands beside it)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--append", action="store_true",
+                   help="extend an existing --out measured on the same GPU (new rows replace same-named ones)")
     p.add_argument("--quick", action="store_true", help="fewer kernel variants")
     p.add_argument("--micro-budget", type=float, default=225.0, help="seconds for the kernel microbenchmarks")
     p.add_argument("--e2e-budget", type=float, default=None, help="seconds per end-to-end model")

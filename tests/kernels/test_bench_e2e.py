@@ -31,10 +31,12 @@ def test_swap_ours_replaces_block_linears_and_fuses_gelu():
 
 def test_run_case_measures_error_and_routes_attention():
     case = bench_e2e.cases(dry=True)[1]
-    variants = [v for v in bench_e2e.VARIANTS if v.name in ("bf16 eager", "ours W8A8 + qattn", "ours W4A8")]
+    variants = [v for v in bench_e2e.VARIANTS
+                if v.name in ("bf16 eager", "ours W8A8 + qattn", "ours W4A8", "ours FP8 + qattn, compiled")]
     seen: list[list[str]] = []
     rows = bench_e2e.run_case(case, variants, torch.device("cpu"), torch.float32, warmup=1, log=lambda m: None,
-                              min_attn_tokens=16, on_row=lambda part: seen.append([r.variant for r in part]))
+                              min_attn_tokens=16, on_row=lambda part: seen.append([r.variant for r in part]),
+                              compile_backend="aot_eager")
     assert seen == [[v.name for v in variants[:i + 1]] for i in range(len(variants))]  # saved after every variant
     by = {r.variant: r for r in rows}
     assert all(r.error is None for r in rows), [r.error for r in rows]
@@ -42,6 +44,8 @@ def test_run_case_measures_error_and_routes_attention():
     assert 0 < by["ours W8A8 + qattn"].rel_err < 0.05 and by["ours W8A8 + qattn"].qattn_calls == case.config["num_layers"]  # self-attention only
     assert by["ours W8A8 + qattn"].rel_err < by["ours W4A8"].rel_err  # 4-bit weights cost more than 8-bit
     assert by["ours W4A8"].weight_gib < 0.5 * by["bf16 eager"].weight_gib
+    compiled = by["ours FP8 + qattn, compiled"]  # traced through the custom ops: attention still routed
+    assert compiled.qattn_calls == case.config["num_layers"] and 0 < compiled.rel_err < 0.05
     md = bench_e2e.markdown(rows)
     assert md.count("\n") == len(rows) + 1 and "ours W4A8" in md
 
@@ -69,7 +73,7 @@ def test_targets_compare_against_the_right_baselines():
     e2e = [dict(model="X", variant="bf16 eager", ms=100.0, weight_gib=4.0),
            dict(model="X", variant="bf16 torch.compile", ms=90.0, weight_gib=4.0),
            dict(model="X", variant="torchao fp8 row-wise, compiled", ms=60.0, weight_gib=2.0),
-           dict(model="X", variant="ours W4A8", ms=55.0, weight_gib=1.1),
+           dict(model="X", variant="ours W4A8, compiled", ms=55.0, weight_gib=1.1),
            dict(model="X", variant="ours FP8 + qattn", ms=45.0, weight_gib=2.0)]
     lin = next(x for x in targets(micro, e2e) if x["target"].startswith("W8A8/FP8"))
     assert not lin["met"] and "qkv: 1.20x" in lin["measured"] and "ff1: 1.90x" in lin["measured"]
@@ -88,3 +92,35 @@ def test_bench_needs_a_gpu_or_dry_run(capsys):
 
     assert main(["bench", "--skip-micro"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_merge_keeps_measured_rows_and_replaces_same_named_ones():
+    from workbench.bench import merge_e2e
+
+    old = [dict(model="A", variant="bf16 eager", ms=10.0), dict(model="A", variant="ours FP8, compiled", ms=5.0)]
+    new = [dict(model="A", variant="ours FP8, compiled", ms=None, error="skipped: time budget exhausted"),
+           dict(model="A", variant="bf16 eager", ms=9.0), dict(model="B", variant="bf16 eager", ms=20.0)]
+    merged = {(r["model"], r["variant"]): r["ms"] for r in merge_e2e(old, new)}
+    assert merged == {("A", "bf16 eager"): 9.0, ("A", "ours FP8, compiled"): 5.0, ("B", "bf16 eager"): 20.0}
+
+
+def test_bench_append_joins_two_calls_and_refuses_another_gpu(tmp_path):
+    import json
+
+    from workbench.bench import BenchSettings, run_bench
+
+    out = tmp_path / "bench.md"
+    kw = dict(out=str(out), skip_micro=True, dry_run_cpu=True, e2e_variants="bf16 eager,ours W4A8")
+    run_bench(BenchSettings(models="Wan", **kw))
+    with pytest.raises(FileNotFoundError, match="--append needs"):
+        run_bench(BenchSettings(models="CogVideoX", append=True, **{**kw, "out": str(tmp_path / "other.md")}))
+    result = run_bench(BenchSettings(models="CogVideoX", append=True, **kw))
+    assert {r["model"] for r in result["e2e"]} == {"Wan (tiny)", "CogVideoX (tiny)"}
+    assert len(result["parts"]) == 2 and all(r["ms"] for r in result["e2e"])
+    page = out.read_text()
+    assert "Wan (tiny) | ours W4A8" in page and "CogVideoX (tiny) | ours W4A8" in page and "joins calls" in page
+    data = json.loads(out.with_suffix(".json").read_text())
+    data["env"]["gpu"] = "NVIDIA H200"
+    out.with_suffix(".json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="cannot share one page"):
+        run_bench(BenchSettings(models="Wan", append=True, **kw))

@@ -177,6 +177,15 @@ class _QuantLinearBase(nn.Module):
         """Return (dense input or None, QuantizedActivation or None)."""
         return (None, x) if isinstance(x, QuantizedActivation) else (x, None)
 
+    def _traced(self, x: torch.Tensor, fp8: bool, op: Callable[..., torch.Tensor], *weights: torch.Tensor
+                ) -> torch.Tensor:
+        """Forward under torch.compile: quantize in plain torch (Inductor fuses it into the producer), then
+        one custom-op GEMM, so the graph has no break and no separate quantization kernel."""
+        xq, xs = ops.quantize_tokens(x, fp8)
+        dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
+        out = op(xq, xs, *weights, self.bias, self.activation, dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
 
 class W8A8Linear(_QuantLinearBase):
     """Drop-in nn.Linear replacement: int8 per-channel weights, per-token int8 activations."""
@@ -204,6 +213,8 @@ class W8A8Linear(_QuantLinearBase):
     def forward(self, x: Union[torch.Tensor, QuantizedActivation]) -> torch.Tensor:
         """y = dequant(quant(x) @ Wq^T) + b (+GELU); x may be pre-quantized by layernorm_quant etc."""
         dense, qa = self._split(x)
+        if dense is not None and torch.compiler.is_compiling():
+            return self._traced(dense, False, torch.ops.workbench.scaled_mm, self.weight_q, self.weight_scale)
         if dense is not None:
             return w8a8_linear(dense, self.weight_q, self.weight_scale, self.bias, self.activation)
         if _use_triton("W8A8Linear", "int8", qa.q.device):
@@ -242,6 +253,8 @@ class FP8Linear(_QuantLinearBase):
     def forward(self, x: Union[torch.Tensor, QuantizedActivation]) -> torch.Tensor:
         """y = dequant(fp8(x) @ W8^T) + b (+GELU); x may be pre-quantized with fp8=True."""
         dense, qa = self._split(x)
+        if dense is not None and torch.compiler.is_compiling():
+            return self._traced(dense, True, torch.ops.workbench.scaled_mm, self.weight_fp8, self.weight_scale)
         if dense is not None:
             return fp8_linear(dense, self.weight_fp8, self.weight_scale, self.bias, self.activation)
         if _use_triton("FP8Linear", "fp8", qa.q.device):
@@ -284,6 +297,9 @@ class W4A8Linear(_QuantLinearBase):
     def forward(self, x: Union[torch.Tensor, QuantizedActivation]) -> torch.Tensor:
         """y = sum_g (quant(x) . W4_g) * s_g * x_scale + b (+GELU); x may be pre-quantized (int8)."""
         dense, qa = self._split(x)
+        if dense is not None and torch.compiler.is_compiling():
+            return self._traced(dense, False, torch.ops.workbench.w4a8_scaled_mm, self.weight_packed,
+                                self.weight_scales)
         if dense is not None:
             return w4a8_linear(dense, self.weight_packed, self.weight_scales, self.bias, self.activation)
         if _use_triton("W4A8Linear", "int8", qa.q.device):
@@ -307,3 +323,6 @@ def swap_linears(model: nn.Module, factory: Callable[[nn.Linear], nn.Module],
                 setattr(module, child_name, factory(child))
                 count += 1
     return count
+
+
+from . import ops  # noqa: E402  (registers the torch.library ops; it imports _use_triton from here)
