@@ -188,9 +188,11 @@ def run_bench(s: BenchSettings) -> dict[str, Any]:
     def write(partial: list[dict] | None = None) -> dict[str, Any]:
         """Write the page and JSON; called after every part and every end-to-end variant, so a run cut
         short by a time limit still leaves what it measured."""
-        rows = merge_e2e(e2e_rows, partial or [])
+        row_objs = [bench_e2e.Row(**r) for r in merge_e2e(e2e_rows, partial or [])]
+        bench_e2e._speedups(row_objs)  # rows merged from several calls: speed-ups against this page's baselines
+        rows = [asdict(r) for r in row_objs]
         tgt = targets(micro_rows, rows)
-        e2e_md = bench_e2e.markdown([bench_e2e.Row(**r) for r in rows]) if rows else None
+        e2e_md = bench_e2e.markdown(row_objs) if rows else None
         part["wall_s"] = time.time() - t0
         write_markdown(out, env, tgt, micro_md, e2e_md, sum(p["wall_s"] for p in parts), parts)
         result = {"env": env, "targets": tgt, "micro": micro_rows, "micro_md": micro_md, "e2e": rows,

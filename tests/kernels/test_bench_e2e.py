@@ -24,6 +24,13 @@ def test_swap_ours_replaces_block_linears_and_fuses_gelu():
                   if isinstance(m, torch.nn.Linear) and bench_e2e.block_linear(name, m))
     n = bench_e2e.swap_ours(model, "w8a8")
     assert n == n_block
+    cog = bench_e2e.build(bench_e2e.cases(dry=True)[0], torch.device("cpu"), torch.float32)
+    n_adaln = sum(1 for name, m in cog.named_modules() if isinstance(m, torch.nn.Linear) and "blocks." in name
+                  and ".norm" in name)
+    assert n_adaln == 2 * bench_e2e.cases(dry=True)[0].config["num_layers"]  # norm1/norm2 modulation per block
+    n4 = bench_e2e.swap_ours(cog, "w4a8")  # memory-first W4A8 packs the AdaLN linears too
+    assert not any(isinstance(m, torch.nn.Linear) and "blocks." in name for name, m in cog.named_modules())
+    assert n4 == 6 * 2 + n_adaln  # q, k, v, out, ff1, ff2 per block + modulation
     fused = [m for m in model.modules() if isinstance(m, bench_e2e._FusedGELU)]
     assert len(fused) == case.config["num_layers"] and fused[0].proj.activation == "gelu_tanh"
     assert not any(isinstance(m, torch.nn.Linear) and bench_e2e.block_linear(name, m) for name, m in model.named_modules())
@@ -117,6 +124,7 @@ def test_bench_append_joins_two_calls_and_refuses_another_gpu(tmp_path):
     result = run_bench(BenchSettings(models="CogVideoX", append=True, **kw))
     assert {r["model"] for r in result["e2e"]} == {"Wan (tiny)", "CogVideoX (tiny)"}
     assert len(result["parts"]) == 2 and all(r["ms"] for r in result["e2e"])
+    assert all(r["speedup_vs_eager"] for r in result["e2e"])  # each against its own model's baseline
     page = out.read_text()
     assert "Wan (tiny) | ours W4A8" in page and "CogVideoX (tiny) | ours W4A8" in page and "joins calls" in page
     data = json.loads(out.with_suffix(".json").read_text())

@@ -66,7 +66,7 @@ def cases(dry: bool = False) -> list[ModelCase]:
     """The two benchmark cases; tiny versions of the same classes for the CPU dry run."""
     if dry:
         cog = {**COGVIDEOX_2B, "num_attention_heads": 2, "attention_head_dim": 64, "num_layers": 2,
-               "text_embed_dim": 128, "time_embed_dim": 32, "sample_frames": 5, "sample_height": 8,
+               "text_embed_dim": 128, "time_embed_dim": 128, "sample_frames": 5, "sample_height": 8,
                "sample_width": 8, "max_text_seq_length": 8}
         wan = {**WAN_1_3B, "num_attention_heads": 2, "attention_head_dim": 64, "num_layers": 2, "text_dim": 128,
                "freq_dim": 32, "ffn_dim": 256, "rope_max_seq_len": 64}
@@ -105,6 +105,12 @@ def block_linear(name: str, linear: nn.Linear) -> bool:
     return "blocks." in name and ".norm" not in name and linear.in_features % 128 == 0
 
 
+def block_or_adaln_linear(name: str, linear: nn.Linear) -> bool:
+    """W4A8's set: block linears plus the blocks' AdaLN modulation linears. Those run on one row per video
+    (no compute to save) but hold a fifth of CogVideoX-2B's weights, so a memory-first format packs them too."""
+    return "blocks." in name and linear.in_features % 128 == 0
+
+
 class _FusedGELU(nn.Module):
     """diffusers `GELU(approximate='tanh')` as one quantized GEMM with GELU in its epilogue."""
 
@@ -129,7 +135,7 @@ def swap_ours(model: nn.Module, kind: str) -> int:
             if isinstance(child, GELU) and child.approximate == "tanh" and block_linear(full + ".proj", child.proj):
                 setattr(module, child_name, _FusedGELU(make(child.proj, activation="gelu_tanh")))
                 n += 1
-    n += dispatch.swap_linears(model, make, block_linear)
+    n += dispatch.swap_linears(model, make, block_or_adaln_linear if kind == "w4a8" else block_linear)
     return n  # under torch.compile the modules trace to torch.ops.workbench.* (see kernels/ops.py): no graph breaks
 
 
@@ -331,13 +337,15 @@ def run_case(case: ModelCase, variants: list[Variant], device: torch.device, dty
 
 
 def _speedups(rows: list[Row]) -> None:
-    """Fill each timed row's speedup over bf16 eager and bf16 torch.compile (where those ran)."""
-    eager = next((r.ms for r in rows if r.variant == "bf16 eager" and r.ms), None)
-    compiled = next((r.ms for r in rows if r.variant == "bf16 torch.compile" and r.ms), None)
-    for r in rows:
-        if r.ms:
-            r.speedup_vs_eager = eager / r.ms if eager else None
-            r.speedup_vs_compiled = compiled / r.ms if compiled else None
+    """Fill each timed row's speedup over its model's bf16 eager and bf16 torch.compile (where those ran)."""
+    for model in {r.model for r in rows}:
+        same = [r for r in rows if r.model == model]
+        eager = next((r.ms for r in same if r.variant == "bf16 eager" and r.ms), None)
+        compiled = next((r.ms for r in same if r.variant == "bf16 torch.compile" and r.ms), None)
+        for r in same:
+            if r.ms:
+                r.speedup_vs_eager = eager / r.ms if eager else None
+                r.speedup_vs_compiled = compiled / r.ms if compiled else None
 
 
 def markdown(rows: list[Row]) -> str:
@@ -360,6 +368,16 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def split_names(text: str, known: list[str]) -> list[str]:
+    """Split a comma-separated list of variant names, some of which contain commas (longest known name wins)."""
+    tokens, out, i = text.split(","), [], 0
+    while i < len(tokens):
+        j = next((j for j in range(len(tokens), i, -1) if ",".join(tokens[i:j]).strip() in known), i + 1)
+        out.append(",".join(tokens[i:j]).strip())
+        i = j
+    return [n for n in out if n]
+
+
 def main(argv: list[str] | None = None, on_row: Callable[[list[Row]], None] | None = None) -> list[Row]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run-cpu", action="store_true", help="tiny configs on the CPU reference path")
@@ -377,11 +395,12 @@ def main(argv: list[str] | None = None, on_row: Callable[[list[Row]], None] | No
         torch.backends.cuda.matmul.allow_tf32 = True
     variants = VARIANTS
     if a.variants:
-        names = [s.strip() for s in a.variants.split(",")]
+        names = split_names(a.variants, [v.name for v in VARIANTS])
         unknown = [n for n in names if n not in {v.name for v in VARIANTS}]
         if unknown:
             raise SystemExit(f"unknown variant(s) {unknown}; known: {[v.name for v in VARIANTS]}")
-        variants = [v for v in VARIANTS if v.name in names]
+        by_name = {v.name: v for v in VARIANTS}
+        variants = [by_name[n] for n in dict.fromkeys(names)]  # in the order asked (a time budget cuts the tail)
     if dry:  # torchao is a GPU matter; compiled variants trace with aot_eager (Dynamo + AOT, no codegen)
         variants = [v for v in variants if not (v.quant or "").startswith("ao-")]
     rows: list[Row] = []
