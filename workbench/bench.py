@@ -111,7 +111,7 @@ def targets(micro_rows: list[dict], e2e_rows: list[dict]) -> list[dict[str, Any]
             ratio = w4["weight_gib"] / bf["weight_gib"]
             out.append(dict(target=f"{model}: W4A8 weight memory <= 0.3x bf16",
                             measured=f"{w4['weight_gib']:.3f} GiB vs {bf['weight_gib']:.3f} GiB = {ratio:.3f}x "
-                                     "(whole transformer; embedders and AdaLN stay bf16)", met=ratio <= 0.3))
+                                     "(parameters + buffers of the whole transformer; block linears and AdaLN modulation int4, embedders bf16)", met=ratio <= 0.3))
     return out
 
 

@@ -255,8 +255,15 @@ def _time(fn: Callable[[], Any], iters: int, device: torch.device) -> list[float
     return out
 
 
-def _allocated(device: torch.device) -> int:
-    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (each storage once): the weights a deployment keeps resident."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.device) if t.device.type != "meta" else id(t)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
 
 
 def run_case(case: ModelCase, variants: list[Variant], device: torch.device, dtype: torch.dtype,
@@ -284,7 +291,6 @@ def run_case(case: ModelCase, variants: list[Variant], device: torch.device, dty
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            before = _allocated(device)
             model = copy.deepcopy(base)
             if v.quant in ("w8a8", "fp8", "w4a8"):
                 swap_ours(model, v.quant)
@@ -293,8 +299,7 @@ def run_case(case: ModelCase, variants: list[Variant], device: torch.device, dty
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            row.weight_gib = (_allocated(device) - before) / 2**30 if device.type == "cuda" else \
-                sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())) / 2**30
+            row.weight_gib = weight_bytes(model) / 2**30
             if v.compiled:
                 compile_blocks(model, compile_backend)
             ctx = quantized_attention(min_attn_tokens) if v.qattn else contextlib.nullcontext()
