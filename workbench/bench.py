@@ -104,9 +104,10 @@ def targets(micro_rows: list[dict], e2e_rows: list[dict]) -> list[dict[str, Any]
                 txt += f"; torchao best {ao_best['variant']} {ao_best['ms']:.1f} ms"
             out.append(dict(target=f"{model}: end to end >= 1.8x bf16 torch.compile and faster than torchao's best",
                             measured=txt, met=comp / b["ms"] >= 1.8 and (ao_best is None or b["ms"] < ao_best["ms"])))
-        bf = next((r for r in e2e_rows if r["model"] == model and r["variant"] == "bf16 eager" and r.get("weight_gib")), None)
+        bf = next((r for r in e2e_rows if r["model"] == model and r["variant"] == "bf16 eager" and r.get("weight_gib")
+                   and r.get("weight_source") == "bytes"), None)
         w4 = next((r for r in e2e_rows if r["model"] == model and r["variant"].startswith("ours W4A8")
-                   and r.get("weight_gib")), None)
+                   and r.get("weight_gib") and r.get("weight_source") == "bytes"), None)
         if bf and w4:
             ratio = w4["weight_gib"] / bf["weight_gib"]
             out.append(dict(target=f"{model}: W4A8 weight memory <= 0.3x bf16",
@@ -188,7 +189,7 @@ def run_bench(s: BenchSettings) -> dict[str, Any]:
     def write(partial: list[dict] | None = None) -> dict[str, Any]:
         """Write the page and JSON; called after every part and every end-to-end variant, so a run cut
         short by a time limit still leaves what it measured."""
-        row_objs = [bench_e2e.Row(**r) for r in merge_e2e(e2e_rows, partial or [])]
+        row_objs = bench_e2e.ordered([bench_e2e.Row(**r) for r in merge_e2e(e2e_rows, partial or [])])
         bench_e2e._speedups(row_objs)  # rows merged from several calls: speed-ups against this page's baselines
         rows = [asdict(r) for r in row_objs]
         tgt = targets(micro_rows, rows)
