@@ -57,7 +57,8 @@ def load_previous(json_path: Path, env: dict) -> dict:
         prev = json.loads(json_path.read_text())
         gpu = prev["env"]["gpu"]
     except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{json_path} is not a `workbench bench` result ({exc}); move it away or drop --append") from exc
+        raise ValueError(f"{json_path} is not a `workbench bench` result ({exc}); "
+                         "move it away or drop --append") from exc
     if gpu != env["gpu"]:
         raise ValueError(f"{json_path} was measured on {gpu!r}, this machine has {env['gpu']!r}: results of two GPUs "
                          "cannot share one page; write a new page with --out")
@@ -112,7 +113,8 @@ def targets(micro_rows: list[dict], e2e_rows: list[dict]) -> list[dict[str, Any]
             ratio = w4["weight_gib"] / bf["weight_gib"]
             out.append(dict(target=f"{model}: W4A8 weight memory <= 0.3x bf16",
                             measured=f"{w4['weight_gib']:.3f} GiB vs {bf['weight_gib']:.3f} GiB = {ratio:.3f}x "
-                                     "(parameters + buffers of the whole transformer; block linears and AdaLN modulation int4, embedders bf16)", met=ratio <= 0.3))
+                                     "(parameters + buffers of the whole transformer; block linears and AdaLN "
+                                     "modulation int4, embedders bf16)", met=ratio <= 0.3))
     return out
 
 
@@ -132,7 +134,8 @@ def environment() -> dict[str, Any]:
 def write_markdown(path: Path, env: dict, tgt: list[dict], micro_md: str | None, e2e_md: str | None,
                    wall_s: float, parts: list[dict] | None = None) -> None:
     head = (f"Written by `workbench bench` on {env['date']}: **{env['gpu']}**, torch {env['torch']}, "
-            f"triton {env['triton']}, diffusers {env['diffusers']}, torchao {env['torchao']}; run took {wall_s / 60:.1f} min.")
+            f"triton {env['triton']}, diffusers {env['diffusers']}, torchao {env['torchao']}; "
+            f"run took {wall_s / 60:.1f} min.")
     if parts and len(parts) > 1:
         head += (" The page joins calls on the same GPU (`--append`; the device's per-command limit is 10 minutes): "
                  + "; ".join(f"{p['date']} {p['what']} ({p['wall_s'] / 60:.1f} min)" for p in parts) + ".")
@@ -190,7 +193,7 @@ def run_bench(s: BenchSettings) -> dict[str, Any]:
         """Write the page and JSON; called after every part and every end-to-end variant, so a run cut
         short by a time limit still leaves what it measured."""
         row_objs = bench_e2e.ordered([bench_e2e.Row(**r) for r in merge_e2e(e2e_rows, partial or [])])
-        bench_e2e._speedups(row_objs)  # rows merged from several calls: speed-ups against this page's baselines
+        bench_e2e.fill_speedups(row_objs)  # rows merged from several calls: speed-ups against this page's baselines
         rows = [asdict(r) for r in row_objs]
         tgt = targets(micro_rows, rows)
         e2e_md = bench_e2e.markdown(row_objs) if rows else None

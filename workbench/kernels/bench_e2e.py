@@ -335,7 +335,7 @@ def run_case(case: ModelCase, variants: list[Variant], device: torch.device, dty
         finally:
             del model
             torch._dynamo.reset()
-        _speedups(rows)
+        fill_speedups(rows)
         if on_row is not None:
             on_row(rows)
     del base, x, ref
@@ -349,7 +349,7 @@ def ordered(rows: list[Row]) -> list[Row]:
     return sorted(rows, key=lambda r: (models.index(r.model), rank.get(r.variant, len(rank))))
 
 
-def _speedups(rows: list[Row]) -> None:
+def fill_speedups(rows: list[Row]) -> None:
     """Fill each timed row's speedup over its model's bf16 eager and bf16 torch.compile (where those ran)."""
     for model in {r.model for r in rows}:
         same = [r for r in rows if r.model == model]
