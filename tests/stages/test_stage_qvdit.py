@@ -73,3 +73,19 @@ def test_qvdit_ablation_without_tqe_has_no_branches():
     rep = qvdit_distill(s, QVDiTSettings(iters=2, tqe=False, tmd=False, blocks=["blocks.0"], eval_rows=0,
                                          similarity_rows=2))
     assert rep.summary["tqe_branches"] == 0 and "tmd" not in rep.arrays["curves"]
+
+
+def test_tmd_cannot_see_a_reversed_direction_but_sees_speed():
+    """Q-VDiT's frame-relation loss is blind to playing a constant-speed clip backwards (a documented limit,
+    docs/results.md W3A6 section): the similarity matrix depends only on |i - j|. A speed change it does see."""
+    from workbench.stages.distill import frame_similarity, relation_kl
+    from workbench.world.render import render_prompt
+
+    def sims(prompt: str, flip: bool = False) -> torch.Tensor:
+        v = render_prompt(prompt, seed=0)  # (C, F, H, W)
+        v = v.flip(1) if flip else v
+        return frame_similarity(v.permute(1, 0, 2, 3).reshape(1, v.shape[1], -1))
+
+    clip = sims("a red circle moving right slow")
+    assert relation_kl(sims("a red circle moving right slow", flip=True), clip) < 1e-5
+    assert relation_kl(sims("a red circle moving right fast"), clip) > 1e-2
