@@ -65,11 +65,6 @@ def load_previous(json_path: Path, env: dict) -> dict:
     return prev
 
 
-def _best(rows: list[dict], model: str, prefix: str, key: str = "speedup") -> dict | None:
-    cands = [r for r in rows if r.get("group") == model and r.get("method", "").startswith(prefix) and r.get(key)]
-    return max(cands, key=lambda r: r[key]) if cands else None
-
-
 def targets(micro_rows: list[dict], e2e_rows: list[dict]) -> list[dict[str, Any]]:
     """The issue's four targets, each with the measured value and whether it is met."""
     out: list[dict[str, Any]] = []

@@ -53,7 +53,6 @@ def table_html(rows: list[dict]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-
 # the video grid's own rules (safe inside a notebook) and the page's
 GRID_STYLE = ("<style>.vid{display:inline-block;margin:2px;text-align:center;font-size:11px;width:136px;vertical-align:top}"
               ".vid img{width:128px;height:128px;image-rendering:pixelated;border:1px solid #333}"

@@ -9,7 +9,7 @@ output error against bf16 eager measures the quantization alone. "ours" swaps th
 "+qattn", routes self-attention through the SageAttention-style `quant_attention`. Compiled variants
 compile each transformer block (regional compilation: one compile serves all identical blocks); our
 kernels are `torch.library` custom ops (kernels/ops.py), so each block traces to one graph and Inductor
-fuses the per-token activation quantization into the norm / modulation that produces it.
+can fuse the per-token activation quantization into the norm / modulation that produces it.
 """
 from __future__ import annotations
 

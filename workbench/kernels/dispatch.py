@@ -179,11 +179,10 @@ class _QuantLinearBase(nn.Module):
 
     def _traced(self, x: torch.Tensor, fp8: bool, op: Callable[..., torch.Tensor], *weights: torch.Tensor
                 ) -> torch.Tensor:
-        """Forward under torch.compile: quantize in plain torch (Inductor fuses it into the producer), then
-        one custom-op GEMM, so the graph has no break and no separate quantization kernel."""
+        """Forward under torch.compile: quantize in plain torch (Inductor can fuse it into the producer), then
+        one custom-op GEMM, so the graph has no break."""
         xq, xs = ops.quantize_tokens(x, fp8)
-        dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
-        out = op(xq, xs, *weights, self.bias, self.activation, dtype)
+        out = op(xq, xs, *weights, self.bias, self.activation, ref.linear_out_dtype(x))
         return out.reshape(*x.shape[:-1], self.out_features)
 
 

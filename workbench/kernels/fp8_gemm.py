@@ -6,8 +6,8 @@ from typing import Any, Optional
 
 import torch
 
-from .int8_gemm import _out_dtype
 from .quant import quantize_rows
+from .reference import linear_out_dtype
 from .scaled_mm import scaled_mm
 
 
@@ -28,5 +28,5 @@ def fp8_linear_triton(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tenso
     if w_fp8.shape[1] != k:
         raise ValueError(f"weight has K={w_fp8.shape[1]} but input has {k} features")
     xq, xs = quantize_rows(x.reshape(-1, k), fp8=True)
-    out = scaled_mm(xq, xs, w_fp8, w_scale, bias, activation, _out_dtype(x), **kw)
+    out = scaled_mm(xq, xs, w_fp8, w_scale, bias, activation, linear_out_dtype(x), **kw)
     return out.reshape(*x.shape[:-1], w_fp8.shape[0])

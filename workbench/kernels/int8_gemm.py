@@ -7,12 +7,8 @@ from typing import Any, Optional
 import torch
 
 from .quant import quantize_rows
+from .reference import linear_out_dtype
 from .scaled_mm import scaled_mm
-
-
-def _out_dtype(x: torch.Tensor) -> torch.dtype:
-    """Output dtype of a quantized linear: the input's float dtype (bf16 for non-float inputs)."""
-    return x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
 
 
 def int8_scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
@@ -32,5 +28,5 @@ def w8a8_linear_triton(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
     if wq.shape[1] != k:
         raise ValueError(f"weight has K={wq.shape[1]} but input has {k} features")
     xq, xs = quantize_rows(x.reshape(-1, k))
-    out = scaled_mm(xq, xs, wq, w_scale, bias, activation, _out_dtype(x), **kw)
+    out = scaled_mm(xq, xs, wq, w_scale, bias, activation, linear_out_dtype(x), **kw)
     return out.reshape(*x.shape[:-1], wq.shape[0])

@@ -31,7 +31,7 @@ __all__ = [
     "quantize_per_channel_fp8", "int8_scaled_mm_ref", "fp8_scaled_mm_ref", "w8a8_linear_ref",
     "fp8_rowwise_linear_ref", "pack_int4", "unpack_int4", "quantize_weight_int4_grouped",
     "w4a8_scaled_mm_ref", "w4a8_linear_ref", "layernorm_quant_ref", "rmsnorm_quant_ref",
-    "gelu_quant_ref", "gelu_tanh", "quant_attention_ref", "sdpa_ref", "rel_error",
+    "gelu_quant_ref", "gelu_tanh", "quant_attention_ref", "sdpa_ref", "rel_error", "linear_out_dtype",
 ]
 
 
@@ -43,6 +43,11 @@ def _div(num: float, den: torch.Tensor) -> torch.Tensor:
 def _sdiv(t: torch.Tensor, den: float) -> torch.Tensor:
     """Return the IEEE-exact fp32 quotient t / den (CUDA turns tensor/scalar into a multiply)."""
     return torch.div(t, torch.full_like(t, den))
+
+
+def linear_out_dtype(x: torch.Tensor) -> torch.dtype:
+    """Output dtype of a quantized linear: the input's float dtype (bf16 for non-float inputs)."""
+    return x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

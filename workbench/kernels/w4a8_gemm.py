@@ -18,8 +18,8 @@ import triton.language as tl
 
 from ._triton_utils import (fast_bench, gelu_tanh_f32, grouped_pid, int_to_f32_exact, interpreting, m_bucket,
                             use_fast_math)
-from .int8_gemm import _out_dtype
 from .quant import quantize_rows
+from .reference import linear_out_dtype
 from .scaled_mm import ACTIVATIONS
 
 
@@ -133,5 +133,5 @@ def w4a8_linear_triton(x: torch.Tensor, w_packed: torch.Tensor, w_scales_grouped
     """Triton W4A8 linear with the signature and semantics of reference.w4a8_linear_ref."""
     k = x.shape[-1]
     xq, xs = quantize_rows(x.reshape(-1, k))
-    out = w4a8_scaled_mm(xq, xs, w_packed, w_scales_grouped, bias, activation, _out_dtype(x), **kw)
+    out = w4a8_scaled_mm(xq, xs, w_packed, w_scales_grouped, bias, activation, linear_out_dtype(x), **kw)
     return out.reshape(*x.shape[:-1], w_packed.shape[0])
