@@ -46,7 +46,7 @@ app: setup
 
 bench-quality: setup
 	$(BIN)/python scripts/bench_quality.py
-	$(BIN)/python scripts/bench_ablations.py
+	$(BIN)/python scripts/bench_ablations.py --seeds 0,16,32
 
 clean-venv:
 	rm -rf $(VENV)
