@@ -178,7 +178,7 @@ def comparison(rows: dict[str, dict], fp: dict) -> list[str]:
 
 
 def section(results: dict[str, list[tuple[str, str, dict]]], settings: EvalSettings,
-            compared: list[str] | None = None, seeds: list[int] = (0,)) -> list[str]:
+            compared: list[str] | None = None, seeds: tuple[int, ...] | list[int] = (0,)) -> list[str]:
     seeds = list(seeds)
     n_prompts = len(settings.prompts)
     videos = n_prompts * len(seeds)
