@@ -187,6 +187,47 @@ def log(msg: str) -> None:
     sys.stdout.flush()
 
 
+def eval_settings(seed: int, steps: int, prompts: int | None = None) -> EvalSettings:
+    """The held-out evaluation (its first `prompts` prompts when given) with videos seeded from `seed`."""
+    s = EvalSettings(seed=seed, steps=steps)
+    return EvalSettings(prompts=s.prompts[:prompts], seed=seed, steps=steps) if prompts else s
+
+
+def row_file(cache: Path, recipe, settings: EvalSettings, seed: int, weights: str) -> Path:
+    """Where one recipe's metrics at these settings, seed and weights are cached."""
+    return cache / f"{recipe.name}-{key_of(recipe, settings, seed, weights)}.json"
+
+
+def load_fp(model, settings: EvalSettings, cache: Path, fresh: bool, weights: str) -> tuple[dict, torch.Tensor]:
+    """FP metrics and videos for `settings`: from the cache (marked `cached`), else generated and cached."""
+    key = hashlib.sha256(json.dumps({"eval": settings.__dict__, "weights": weights}, sort_keys=True,
+                                    default=str).encode()).hexdigest()[:16]
+    f, fv = cache / f"fp-{key}.json", cache / f"fp-{key}.pt"
+    if f.exists() and fv.exists() and not fresh:
+        log(f"FP: cached ({f.name})")
+        return {**json.loads(f.read_text()), "cached": True}, torch.load(fv)
+    log(f"FP: generating {len(settings.prompts)} videos ...")
+    t = time.perf_counter()
+    fp, videos = evaluate_fp(model, settings, progress=True)
+    fp["eval_s"] = time.perf_counter() - t
+    f.write_text(json.dumps(fp, indent=1))
+    torch.save(videos, fv)
+    return fp, videos
+
+
+def measure(model, recipe, settings: EvalSettings, seed: int, fp: tuple[dict, torch.Tensor], out: Path) -> dict:
+    """Run the recipe (seeded), score it against the FP videos, write the row to `out` and return it."""
+    t = time.perf_counter()
+    session = run_recipe(model, recipe, progress=True, seed=seed)
+    q_s = time.perf_counter() - t
+    t = time.perf_counter()
+    metrics, _ = evaluate_quantized(model, session.qtransformer, settings, fp=fp, progress=True)
+    row = {**metrics, **weight_budget(session.qtransformer), "quantize_s": q_s, "eval_s": time.perf_counter() - t,
+           "stage_seconds": {r.name: r.seconds for r in session.reports}}
+    out.write_text(json.dumps(row, indent=1, default=float))
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipes", default=None, help="comma-separated recipe names (default: every recipe of list_recipes())")
@@ -208,9 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1 or (args.prompts is not None and args.prompts < 1):
         print("error: --steps and --prompts must be >= 1", file=sys.stderr)
         return 2
-    settings = EvalSettings(seed=args.seed, steps=args.steps)
-    if args.prompts:
-        settings = EvalSettings(prompts=settings.prompts[: args.prompts], seed=args.seed, steps=args.steps)
+    settings = eval_settings(args.seed, args.steps, args.prompts)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     started = dt.datetime.now().astimezone().isoformat(timespec="seconds")
@@ -219,20 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = weights_hash(model)
     about = model_line(model)
 
-    fp_key = hashlib.sha256(json.dumps({"eval": settings.__dict__, "weights": weights}, sort_keys=True,
-                                       default=str).encode()).hexdigest()[:16]
-    fp_file, fp_videos_file = cache / f"fp-{fp_key}.json", cache / f"fp-{fp_key}.pt"
-    if fp_file.exists() and fp_videos_file.exists() and not args.fresh:
-        fp = {**json.loads(fp_file.read_text()), "cached": True}
-        fp_videos = torch.load(fp_videos_file)
-        log(f"FP: cached ({fp_file.name})")
-    else:
-        log(f"FP: generating {len(settings.prompts)} videos ...")
-        t = time.perf_counter()
-        fp, fp_videos = evaluate_fp(model, settings, progress=True)
-        fp["eval_s"] = time.perf_counter() - t
-        fp_file.write_text(json.dumps(fp, indent=1))
-        torch.save(fp_videos, fp_videos_file)
+    fp, fp_videos = load_fp(model, settings, cache, args.fresh, weights)
     log(f"FP oracle_accuracy {fp['oracle_accuracy']:.3f}")
 
     rows: dict[str, dict] = {}
@@ -242,25 +268,17 @@ def main(argv: list[str] | None = None) -> int:
     for name in bar:
         bar.set_postfix_str(name)
         recipe = load_recipe(name)
-        f = cache / f"{name}-{key_of(recipe, settings, args.seed, weights)}.json"
+        f = row_file(cache, recipe, settings, args.seed, weights)
         if f.exists() and not args.fresh:
             rows[name] = json.loads(f.read_text())
             n_cached += 1
             log(f"{name}: cached ({f.name})")
             continue
         log(f"{name}: running {len(recipe.stages)} stages ...")
-        t = time.perf_counter()
-        session = run_recipe(model, recipe, progress=True, seed=args.seed)
-        q_s = time.perf_counter() - t
-        t = time.perf_counter()
-        metrics, _ = evaluate_quantized(model, session.qtransformer, settings, fp=(fp, fp_videos), progress=True)
-        e_s = time.perf_counter() - t
-        row = {**metrics, **weight_budget(session.qtransformer), "quantize_s": q_s, "eval_s": e_s,
-               "stage_seconds": {r.name: r.seconds for r in session.reports}}
-        f.write_text(json.dumps(row, indent=1, default=float))
+        row = measure(model, recipe, settings, args.seed, (fp, fp_videos), f)
         rows[name] = row
         log(f"{name}: oracle {row['oracle_accuracy']:.3f}, psnr {row['psnr_vs_fp']:.2f} dB, "
-            f"quantize {q_s:.0f} s, eval {e_s:.0f} s")
+            f"quantize {row['quantize_s']:.0f} s, eval {row['eval_s']:.0f} s")
         write_markdown(out, fp, rows, settings, started, time.perf_counter() - t_all, about, weights, n_cached)
     write_markdown(out, fp, rows, settings, started, time.perf_counter() - t_all, about, weights, n_cached)
     log(f"wrote {out}")
