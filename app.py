@@ -5,7 +5,7 @@ and a bit-width (W8A8, W4A8, W4A6, W3A6) or any recipe; the app shows the FP vid
 and their difference, the metrics of both and the per-layer output error. Quantized models are built
 once per recipe and calibration budget and cached; requests are queued one at a time (concurrent users
 wait their turn, with their place shown); bad input gets a visible message. All logic lives in
-`workbench.compare`; this file only lays out the page.
+`workbench.eval.compare`; this file only lays out the page.
 
     python app.py [--host 127.0.0.1] [--port 7860] [--steps 16] [--budget quick|full]
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from workbench.compare import (
+from workbench.eval.compare import (
     BIT_WIDTHS,
     FULL,
     METRIC_KEYS,
@@ -26,10 +26,10 @@ from workbench.compare import (
     RecipeCache,
     compare,
     describe_prompt,
-    layer_error_figure,
 )
+from workbench.io.video import save_video
 from workbench.recipes import RecipeError, list_recipes
-from workbench.video_io import save_video
+from workbench.viz.explore import layer_error_figure
 from workbench.world.grammar import PromptError, all_scenes
 
 METRIC_COLUMNS = ["model", *METRIC_KEYS]

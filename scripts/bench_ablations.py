@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_quality  # noqa: E402  (cache keys, FP cache, running a recipe: the two scripts share cached rows)
 
-from workbench.evaluation import EvalSettings  # noqa: E402
+from workbench.eval.prompt_set import EvalSettings  # noqa: E402
 from workbench.models import load_bundled  # noqa: E402
 from workbench.recipes import load_recipe, recipe_from_dict  # noqa: E402
 

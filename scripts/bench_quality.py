@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from workbench.evaluation import EvalSettings, evaluate_fp, evaluate_quantized  # noqa: E402
+from workbench.eval.prompt_set import EvalSettings, evaluate_fp, evaluate_quantized  # noqa: E402
 from workbench.models import load_bundled  # noqa: E402
 from workbench.recipes import list_recipes, load_recipe, run_recipe  # noqa: E402
 from workbench.stages.ptq import weight_budget  # noqa: E402

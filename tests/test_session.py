@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent / "stages"))
 from stage_helpers import tiny_world_model  # noqa: E402
 from workbench.models.adapters import tiny_model  # noqa: E402
 from workbench.session import Session  # noqa: E402

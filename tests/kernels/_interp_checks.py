@@ -128,7 +128,7 @@ for _grp, _act in ((32, None), (64, "gelu_tanh")):
 
 def _quant_check(name: str, fp8: bool) -> Tuple[float, float]:
     """Fused producer+quant kernel vs reference: codes exact (tolerance 1 code), scales to 1e-6."""
-    from workbench.kernels import quant as Q
+    from workbench.kernels import act_quant as Q
     g = _g(5)
     x = torch.randn(2, 11, 200, generator=g).bfloat16() * 3 + 1
     w, b = torch.randn(200, generator=g), torch.randn(200, generator=g)
@@ -165,7 +165,7 @@ for _name in ("rows", "layernorm", "rmsnorm", "gelu"):
 
 def _attn_check(impl: str, pv: str, d: int, layout: str) -> Tuple[float, float]:
     """Quant attention kernel vs reference (fp32 in/out, ragged NQ/NK, several heads)."""
-    from workbench.kernels.quant_attention import quant_attention_triton
+    from workbench.kernels.attention import quant_attention_triton
     g = _g(6 + d)
     b, h, nq, nk = 2, 2, 37, 45
     q = torch.randn(b, h, nq, d, generator=g) * 1.5 + 0.5 * torch.randn(d, generator=g)
@@ -193,7 +193,7 @@ for _impl, _pv, _d, _layout in (("ptr", "fp8", 32, "bhnd"), ("tma", "fp8", 16, "
 @check
 def attn_bf16_output_dtype():
     """bf16 inputs give bf16 output of the right shape within bf16 rounding of the reference."""
-    from workbench.kernels.quant_attention import quant_attention_triton
+    from workbench.kernels.attention import quant_attention_triton
     g = _g(7)
     q, k, v = (torch.randn(1, 1, 20, 16, generator=g).bfloat16() for _ in range(3))
     out = quant_attention_triton(q, k, v, block_m=16, block_n=16)

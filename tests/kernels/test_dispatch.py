@@ -1,4 +1,5 @@
-"""Dispatch: availability reasons, single fallback warning, reference fallback results, nn.Modules."""
+"""Dispatch: the backend switch (availability reasons, single fallback warning, TRITON refused where it cannot
+run, REFERENCE silent), reference fallback results, nn.Modules."""
 
 import warnings
 
@@ -6,15 +7,16 @@ import pytest
 import torch
 import torch.nn as nn
 
+from workbench.kernels import backend as B
 from workbench.kernels import dispatch as D
 from workbench.kernels import reference as R
+from workbench.kernels.backend import Backend
 
 
 @pytest.fixture(autouse=True)
 def _fresh_warnings(monkeypatch):
-    """Reset the warn-once registry and drop a forced-reference env var for every test."""
-    monkeypatch.setattr(D, "_WARNED", set())
-    monkeypatch.delenv("WORKBENCH_KERNELS_FORCE_REFERENCE", raising=False)
+    """Reset the warn-once registry for every test."""
+    monkeypatch.setattr(B, "_WARNED", set())
 
 
 def _fake_gpu(monkeypatch, cc):
@@ -33,12 +35,33 @@ def test_reasons(monkeypatch):
     assert D.unavailable_reason("int8") is None or "triton" in D.unavailable_reason("int8")
     assert "8.9" in D.unavailable_reason("fp8")
     _fake_gpu(monkeypatch, (9, 0))
-    monkeypatch.setattr(D, "_triton_error", lambda: "ModuleNotFoundError: No module named 'triton'")
+    monkeypatch.setattr(B, "_triton_error", lambda: "ModuleNotFoundError: No module named 'triton'")
     assert "triton missing" in D.unavailable_reason("fp8")
     assert not D.available("fp8")
     assert "not CUDA" in D.unavailable_reason("int8", torch.device("cpu"))
-    monkeypatch.setenv("WORKBENCH_KERNELS_FORCE_REFERENCE", "1")
-    assert "FORCE_REFERENCE" in D.unavailable_reason("int8")
+
+
+def test_backend_switch(monkeypatch):
+    """TRITON where it cannot run is an error naming why; REFERENCE never asks and never warns; a wrong name
+    lists the choices; a module's backend is honoured by its forward."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    x = torch.randn(3, 64)
+    wq, ws = R.quantize_per_channel_int8(torch.randn(32, 64))
+    with pytest.raises(RuntimeError, match="backend 'triton' was asked for, but no CUDA device available"):
+        D.w8a8_linear(x, wq, ws, backend="triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = D.w8a8_linear(x, wq, ws, backend=Backend.REFERENCE)
+    assert torch.equal(out, R.w8a8_linear_ref(x, wq, ws))
+    with pytest.raises(ValueError, match=r"unknown kernel backend 'gpu'.*'auto', 'triton', 'reference'"):
+        Backend.parse("gpu")
+    mod = D.W8A8Linear.from_linear(nn.Linear(64, 32), backend="triton")
+    with pytest.raises(RuntimeError, match="W8A8Linear.*backend 'triton'|w8a8_linear.*backend 'triton'"):
+        mod(x)
+    assert D.set_backend(nn.Sequential(mod, nn.ReLU()), "reference") == 1 and mod.backend is Backend.REFERENCE
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mod(x)
 
 
 def test_fallback_warns_once_and_matches_reference():
@@ -84,8 +107,8 @@ def test_modules_drop_in(cls, kw, tol):
         y = mod(x)
         assert y.shape == (3, 10, 64)
         assert R.rel_error(y, lin(x).detach()) < tol
-        # buffers (not parameters), state_dict round trip, dtype-preserving .to()
-        assert len(list(mod.parameters())) == 0
+        # codes and scales are buffers, the bias a frozen parameter; state_dict round trip, dtype-preserving .to()
+        assert [n for n, _ in mod.named_parameters()] == ["bias"] and not mod.bias.requires_grad
         sd = mod.state_dict()
         mod2 = cls(128, 64, **kw)
         mod2.load_state_dict(sd)

@@ -84,7 +84,7 @@ def test_w4a8_compiles_for_sm90_with_register_A_operand():
 
 @pytest.mark.parametrize("d,bn,f16x2", [(64, 128, False), (128, 64, True)])
 def test_quant_attention_compiles_for_sm90(d, bn, f16x2):
-    A = importlib.import_module("workbench.kernels.quant_attention")
+    A = importlib.import_module("workbench.kernels.attention")
     sig = dict(q_ptr="*bf16", k_src=f"tensordesc<i8[{bn}, {d}]>", ks_ptr="*fp32",
                v_src=f"tensordesc<fp8e4nv[{d}, {bn}]>", vs_ptr="*fp32", vm_ptr="*fp32", o_ptr="*bf16",
                H="i32", NQ="i32", NK="i32", NK_PAD="i32", NKB="i32", qk_scale="fp32",
@@ -104,7 +104,7 @@ def test_quant_attention_compiles_for_sm90(d, bn, f16x2):
 
 
 def test_layernorm_quant_compiles_for_sm90():
-    Q = importlib.import_module("workbench.kernels.quant")
+    Q = importlib.import_module("workbench.kernels.act_quant")
     sig = dict(x_ptr="*bf16", q_ptr="*i8", s_ptr="*fp32", w_ptr="*fp32", b_ptr="*fp32", ms_ptr="*bf16",
                msh_ptr="*bf16", K="i32", stride_xm="i32", stride_qm="i32", rows_per_batch="i32", stride_mod="i32",
                eps="fp32")

@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "stages"))
 from stage_helpers import tiny_world_model  # noqa: E402
 from workbench.quant import QuantConfig  # noqa: E402
 from workbench.recipes import RecipeError, list_recipes, load_recipe, recipe_from_dict, run_recipe  # noqa: E402

@@ -113,7 +113,7 @@ def test_mpq_zero_init_ablation_starts_from_plain_quantization():
 
 
 def test_branches_survive_save_and_load(tmp_path):
-    from workbench.artifacts import load_quantized, save_quantized
+    from workbench.io.rundir import load_quantized, save_quantized
 
     s = fresh()
     mpq_distill(s, MPQSettings(iters=1, lora_rank=2, trd=False, blocks=["blocks.0"], eval_rows=0, stat_calls=1))

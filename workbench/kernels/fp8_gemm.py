@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import torch
 
-from .quant import quantize_rows
+from .act_quant import quantize_rows
 from .reference import linear_out_dtype
 from .scaled_mm import scaled_mm
 

@@ -4,7 +4,7 @@ Inductor treats each op as one opaque kernel and fuses the work around it. In pa
 activation quantization, written in plain torch (`reference.quantize_per_token_*`), fuses into the
 LayerNorm / AdaLN modulation / concat that produces the activations: the "quantization fused upstream"
 case of the microbenchmarks, without a hand-written kernel per producer. Each op runs the Triton kernel
-on a supported GPU and the reference elsewhere (same rule and warning as `dispatch`).
+as its `backend` argument says (`workbench.kernels.backend`).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from torch.library import custom_op
 
 from . import reference as ref
-from .dispatch import _use_triton
+from .backend import use_triton
 
 # How often each op really ran (eagerly or inside a compiled graph); the benchmark reads it to prove routing.
 CALLS: Counter = Counter()
@@ -23,11 +23,12 @@ CALLS: Counter = Counter()
 
 @custom_op("workbench::scaled_mm", mutates_args=())
 def scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-              bias: Optional[torch.Tensor], activation: Optional[str], out_dtype: torch.dtype) -> torch.Tensor:
+              bias: Optional[torch.Tensor], activation: Optional[str], out_dtype: torch.dtype,
+              backend: str = "auto") -> torch.Tensor:
     """(xq @ w.T) * x_scale[:, None] * w_scale[None, :] + bias (+GELU) for int8 or e4m3 operands."""
     CALLS["scaled_mm"] += 1
     kind = "int8" if xq.dtype == torch.int8 else "fp8"
-    if _use_triton("ops.scaled_mm", kind, xq.device):
+    if use_triton("ops.scaled_mm", kind, xq.device, backend):
         from .scaled_mm import scaled_mm as triton_scaled_mm
         return triton_scaled_mm(xq, x_scale, w, w_scale, bias, activation, out_dtype)
     fn = ref.int8_scaled_mm_ref if kind == "int8" else ref.fp8_scaled_mm_ref
@@ -35,39 +36,40 @@ def scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale:
 
 
 @scaled_mm.register_fake
-def _scaled_mm_fake(xq, x_scale, w, w_scale, bias, activation, out_dtype):  # noqa: ANN001, ANN202
+def _scaled_mm_fake(xq, x_scale, w, w_scale, bias, activation, out_dtype, backend="auto"):  # noqa: ANN001, ANN202
     torch._check(xq.shape[1] == w.shape[1], lambda: f"scaled_mm: K mismatch {xq.shape[1]} vs {w.shape[1]}")
     return xq.new_empty((xq.shape[0], w.shape[0]), dtype=out_dtype)
 
 
 @custom_op("workbench::w4a8_scaled_mm", mutates_args=())
 def w4a8_scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor,
-                   bias: Optional[torch.Tensor], activation: Optional[str], out_dtype: torch.dtype) -> torch.Tensor:
+                   bias: Optional[torch.Tensor], activation: Optional[str], out_dtype: torch.dtype,
+                   backend: str = "auto") -> torch.Tensor:
     """int8 tokens x group-wise int4 weights (two per byte), dequant + bias (+GELU) in the epilogue."""
     CALLS["w4a8_scaled_mm"] += 1
-    if _use_triton("ops.w4a8_scaled_mm", "int8", xq.device):
+    if use_triton("ops.w4a8_scaled_mm", "int8", xq.device, backend):
         from .w4a8_gemm import w4a8_scaled_mm as triton_w4a8
         return triton_w4a8(xq, x_scale, w_packed, w_scales, bias, activation, out_dtype)
     return ref.w4a8_scaled_mm_ref(xq, x_scale, w_packed, w_scales, bias, activation, out_dtype)
 
 
 @w4a8_scaled_mm.register_fake
-def _w4a8_fake(xq, x_scale, w_packed, w_scales, bias, activation, out_dtype):  # noqa: ANN001, ANN202
+def _w4a8_fake(xq, x_scale, w_packed, w_scales, bias, activation, out_dtype, backend="auto"):  # noqa: ANN001, ANN202
     torch._check(xq.shape[1] == 2 * w_packed.shape[1], lambda: "w4a8_scaled_mm: K mismatch")
     return xq.new_empty((xq.shape[0], w_packed.shape[0]), dtype=out_dtype)
 
 
 @custom_op("workbench::quant_attention", mutates_args=())
 def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: Optional[float],
-                    pv_dtype: str) -> torch.Tensor:
+                    pv_dtype: str, backend: str = "auto") -> torch.Tensor:
     """SageAttention-style attention for [B, H, N, D] (int8 Q.K^T with K smoothing, fp8 or fp16 P.V)."""
     CALLS["quant_attention"] += 1
     from .dispatch import quant_attention as run
-    return run(q, k, v, sm_scale=sm_scale, pv_dtype=pv_dtype)
+    return run(q, k, v, sm_scale=sm_scale, pv_dtype=pv_dtype, backend=backend)
 
 
 @quant_attention.register_fake
-def _quant_attention_fake(q, k, v, sm_scale, pv_dtype):  # noqa: ANN001, ANN202
+def _quant_attention_fake(q, k, v, sm_scale, pv_dtype, backend="auto"):  # noqa: ANN001, ANN202
     return q.new_empty(q.shape)
 
 

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ._triton_utils import (fast_bench, gelu_tanh_f32, grouped_pid, int_to_f32_exact, interpreting, m_bucket,
                             use_fast_math)
-from .quant import quantize_rows
+from .act_quant import quantize_rows
 from .reference import linear_out_dtype
 from .scaled_mm import ACTIVATIONS
 

@@ -1,6 +1,6 @@
 """Metrics for generated clips of the procedural world: prompt adherence (oracle), pixel fidelity,
 temporal consistency and a Frechet distance on interpretable features, plus one-call evaluation."""
-from workbench.metrics.evaluate import evaluate_videos
+from workbench.metrics.suite import evaluate_videos
 from workbench.metrics.fidelity import PSNR_CAP_DB, psnr, ssim
 from workbench.metrics.frechet import FEATURE_NAMES, frechet_distance, video_features
 from workbench.metrics.oracle import (

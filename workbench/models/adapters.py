@@ -58,6 +58,8 @@ from typing import Any, Mapping
 
 from torch import nn
 
+from workbench.quant.attention import attention_types, is_attention_module
+
 __all__ = [
     "ADAPTERS",
     "ATTENTION_KINDS",
@@ -73,6 +75,7 @@ __all__ = [
     "attention_kind",
     "attention_modules",
     "is_attention_module",
+    "token_grid",
     "layer_role",
     "linear_layers",
     "linear_roles",
@@ -575,19 +578,6 @@ def linears_by_role(model: nn.Module, adapter: ArchAdapter | None = None) -> dic
 # ---------------------------------------------------------------------------
 
 
-def _attention_types() -> tuple[type, ...]:
-    from diffusers.models.attention import AttentionModuleMixin
-    from diffusers.models.attention_processor import Attention, MochiAttention
-
-    return (Attention, AttentionModuleMixin, MochiAttention)
-
-
-def is_attention_module(module: nn.Module) -> bool:
-    """True for diffusers attention modules (``Attention``, ``AttentionModuleMixin`` subclasses
-    such as ``WanAttention``/``LTXAttention``, and ``MochiAttention``)."""
-    return isinstance(module, _attention_types())
-
-
 def attention_kind(name: str, adapter: ArchAdapter) -> str | None:
     """Kind (``self``/``temporal``/``cross``/``joint``/``refiner``) of the attention module
     called ``name``, or None when no attention pattern matches."""
@@ -608,7 +598,7 @@ def attention_modules(
     """
     adapter = _resolve(adapter, model)
     wanted = None if kinds is None else frozenset([kinds] if isinstance(kinds, str) else kinds)
-    types = _attention_types()
+    types = attention_types()
     out: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if not isinstance(module, types):
@@ -722,3 +712,14 @@ def tiny_inputs(class_name: str, seed: int = 0, batch_size: int = 1) -> dict[str
             encoder_attention_mask=torch.ones(b, 3, dtype=torch.bool),
         )  # fmt: skip
     raise AssertionError(class_name)  # unreachable: adapter_for_class_name checked it
+
+
+def token_grid(transformer: nn.Module, latent_shape: tuple[int, ...]) -> tuple[int, int, int] | None:
+    """(frames, height, width) of the transformer's token grid for a latent (B, C, F, H, W), or None."""
+    cfg = getattr(transformer, "config", None)
+    p = getattr(cfg, "patch_size", None) if cfg is not None else None
+    if isinstance(p, (tuple, list)) and len(p) == 3 and len(latent_shape) == 5:
+        f, h, w = latent_shape[2:]
+        if f % p[0] == 0 and h % p[1] == 0 and w % p[2] == 0:
+            return f // p[0], h // p[1], w // p[2]
+    return None

@@ -13,7 +13,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file
 
-from workbench.models.pipeline import SamplingConfig, sample
+from workbench.models.sampler import SamplingConfig, sample
 from workbench.models.text_encoder import TextEncoder, TextEncoderConfig
 from workbench.world.grammar import parse_prompt
 from workbench.world.render import WorldConfig

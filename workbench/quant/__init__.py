@@ -4,7 +4,7 @@
     quantize_model(transformer, QuantConfig.wxay(w_bits=4, a_bits=8))
 """
 
-from .apply import calibrate_model, dequantize_model, quant_modules, quantize_model, quantizers
+from .apply import calibrate_model, dequantize_model, quant_modules, quantize_model, quantized_linears, quantizers
 from .attention import (
     AttentionSpec,
     QuantAttention,
@@ -61,6 +61,7 @@ __all__ = [
     "quant_modules",
     "quantize",
     "quantize_model",
+    "quantized_linears",
     "quantizers",
     "quantizing",
     "random_orthogonal",

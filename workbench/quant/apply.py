@@ -75,6 +75,27 @@ def quant_modules(model: nn.Module) -> dict[str, QuantLinear | QuantAttention]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantAttention))}
 
 
+def quantized_linears(model: nn.Module, within: Iterable[str] | None = None, weight_quantized: bool = False,
+                      act_quantized: bool = False) -> dict[str, QuantLinear]:
+    """The QuantLinears of the model proper (none inside another quantized module, e.g. a branch in a layer's
+    extras), by name in module order; optionally only inside the modules named in `within` and only those
+    with a weight / an activation quantizer."""
+    prefixes = None if within is None else tuple(f"{w}." for w in within)
+    out: dict[str, QuantLinear] = {}
+    nested: list[str] = []
+    for name, m in model.named_modules():
+        if nested and name.startswith(tuple(nested)):
+            continue
+        if isinstance(m, (QuantLinear, QuantAttention)):
+            nested.append(f"{name}.")
+        if not isinstance(m, QuantLinear) or (prefixes is not None and not name.startswith(prefixes)):
+            continue
+        if (weight_quantized and m.weight_quantizer is None) or (act_quantized and m.input_quantizer is None):
+            continue
+        out[name] = m
+    return out
+
+
 def quantizers(model: nn.Module) -> dict[str, Quantizer]:
     """Every Quantizer in `model`, by module name (e.g. "blocks.0.attn1.to_q.input_quantizer")."""
     return {n: m for n, m in model.named_modules() if isinstance(m, Quantizer)}

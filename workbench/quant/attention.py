@@ -294,9 +294,18 @@ class QuantAttnProcessor:
         return f"QuantAttnProcessor({type(self.inner).__name__})"
 
 
+def attention_types() -> tuple[type, ...]:
+    """The diffusers attention classes (`Attention`, `AttentionModuleMixin` subclasses such as `WanAttention`
+    and `LTXAttention`, and `MochiAttention`)."""
+    from diffusers.models.attention import AttentionModuleMixin
+    from diffusers.models.attention_processor import Attention, MochiAttention
+
+    return (Attention, AttentionModuleMixin, MochiAttention)
+
+
 def is_attention_module(module: nn.Module) -> bool:
-    """A diffusers attention module: it delegates to a callable `processor`."""
-    return not isinstance(module, QuantAttention) and callable(getattr(module, "processor", None))
+    """True for a diffusers attention module (one of `attention_types()`)."""
+    return isinstance(module, attention_types())
 
 
 def _set_processor(module: nn.Module, processor: Any) -> None:

@@ -120,6 +120,15 @@ class QuantConfig:
         """Whether `name` matches a keep_fp pattern."""
         return any(fnmatch.fnmatchcase(name, p) for p in self.keep_fp)
 
+    def layers_of(self, model: "nn.Module") -> list[str]:
+        """Names of the linear layers of `model` this config quantizes, in module order."""
+        from torch import nn
+
+        from workbench.quant.linear import QuantLinear
+
+        return [n for n, m in model.named_modules()
+                if isinstance(m, (nn.Linear, QuantLinear)) and n and self.specs_for(n) is not None]
+
     def specs_for(self, name: str) -> tuple[QuantSpec | None, QuantSpec | None] | None:
         """(weight spec, act spec) for the linear layer `name`, or None when it stays full precision."""
         if self.is_fp(name):

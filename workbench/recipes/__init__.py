@@ -65,7 +65,7 @@ class Recipe:
         """(stage name, settings dataclass instance) in order."""
         from workbench.stages import STAGES
 
-        return [(name, STAGES[name][1](**settings)) for name, settings in self.stages]
+        return [(name, STAGES[name].settings(**settings)) for name, settings in self.stages]
 
 
 def list_recipes() -> list[str]:
@@ -183,7 +183,7 @@ def check_stage(recipe: str, index: int, stage: str, settings: Any) -> dict[str,
     settings = {} if settings is None else settings
     if not isinstance(settings, dict):
         raise RecipeError(_where(recipe, f"settings of stage {stage!r} must be a mapping, got {type(settings).__name__}"))
-    cls = STAGES[stage][1]
+    cls = STAGES[stage].settings
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in settings.items():
         if key not in fields:
@@ -240,8 +240,8 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
 def run_recipe(model: Any, recipe: str | Path | Recipe, progress: bool = False, seed: int = 0):
     """Run every stage of `recipe` on `model` in a new Session and return the session.
 
-    `model`: a TinyWorldModel (or anything `Session.start` takes). The apply_quantization stage gets the
-    recipe's quant section unless its settings carry their own; the analysis stage probes with it too.
+    `model`: a TinyWorldModel (or anything `Session.start` takes). Stages read the recipe's quant section
+    from `session.recipe` (apply_quantization quantizes with it unless its settings carry their own).
     """
     from tqdm.auto import tqdm
 
@@ -252,11 +252,8 @@ def run_recipe(model: Any, recipe: str | Path | Recipe, progress: bool = False, 
     session = Session.start(model, seed=seed, progress=progress)
     session.recipe = {"name": recipe.name, "recipe": recipe.to_dict()}
     for stage, settings in tqdm(recipe.stages, desc=f"recipe {recipe.name}", disable=not progress):
-        fn, cls = STAGES[stage]
-        kwargs = dict(settings)
-        if stage == "apply_quantization" and kwargs.get("quant") is None:
-            kwargs["quant"] = recipe.quant
-        fn(session, cls(**kwargs))
+        info = STAGES[stage]
+        info.fn(session, info.settings(**settings))
     return session
 
 

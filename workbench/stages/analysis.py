@@ -40,10 +40,12 @@ from tqdm.auto import tqdm
 from workbench.quant import QuantConfig, QuantSpec, Quantizer, calibrate_model, quantize_model
 from workbench.quant.formats import fake_quant, scale_zero_from_range
 from workbench.session import Session
-from workbench.stages._util import block_of, layer_groups, only_quantized, quantized_linear_names, rel_mse
+from workbench.stages.layer_groups import block_of, layer_groups, only_quantized, rel_mse
 from workbench.stages.calibration import CalibrationSettings, calibration_prompts, capturing_inputs, collect_calibration
 from workbench.stages.ptq import DEFAULT_KEEP_FP_ROLES, build_config, uncalibrated_static
+from workbench.stages.registry import stage
 from workbench.stages.report import StageReport
+from workbench.viz.stage_figures import analysis_figures
 
 NAIVE_PROBE: dict[str, Any] = {
     "weight": {"format": "int4", "granularity": "channel"},
@@ -99,6 +101,7 @@ def probe_config(session: Session, s: AnalysisSettings) -> QuantConfig:
     return build_config(quant, session.fp_transformer, s.keep_fp_roles)
 
 
+@stage(AnalysisSettings, figures=analysis_figures)
 def analyze_error_sources(session: Session, settings: AnalysisSettings | None = None) -> StageReport:
     """Measure error sources per layer, timestep, channel and token, and rank layer groups (module docstring)."""
     s = settings or AnalysisSettings()
@@ -107,7 +110,7 @@ def analyze_error_sources(session: Session, settings: AnalysisSettings | None = 
         collect_calibration(session, CalibrationSettings(prompts=s.calibration_prompts, steps=s.steps, guidance=s.guidance))
     fp = session.fp_transformer
     config = probe_config(session, s)
-    layers = quantized_linear_names(fp, config)
+    layers = config.layers_of(fp)
     if not layers:
         raise ValueError("the probe quant config quantizes no linear layer; check its keep_fp / rules")
     from workbench.models.adapters import adapter_for, layer_role, named_transformer_blocks

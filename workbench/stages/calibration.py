@@ -29,7 +29,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from workbench.session import Session
+from workbench.stages.registry import stage
 from workbench.stages.report import StageReport
+from workbench.viz.stage_figures import calibration_figures
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -58,15 +60,16 @@ def _to_cpu(x: Any) -> Any:
     return x
 
 
-def _to(x: Any, device: torch.device) -> Any:
+def to_device(x: Any, device: torch.device) -> Any:
+    """Every tensor in nested tuples / lists / dicts moved to `device`."""
     if isinstance(x, torch.Tensor):
         return x.to(device)
     if isinstance(x, tuple):
-        return tuple(_to(v, device) for v in x)
+        return tuple(to_device(v, device) for v in x)
     if isinstance(x, list):
-        return [_to(v, device) for v in x]
+        return [to_device(v, device) for v in x]
     if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
+        return {k: to_device(v, device) for k, v in x.items()}
     return x
 
 
@@ -104,7 +107,10 @@ class CalibrationEntry:
         """
         if n is None or n >= self.batch:
             return self
-        idx = torch.linspace(0, self.batch - 1, n).round().long().unique()
+        return self.take(torch.linspace(0, self.batch - 1, n).round().long().unique())
+
+    def take(self, idx: torch.Tensor) -> CalibrationEntry:
+        """This call restricted to rows `idx` (in that order)."""
         return CalibrationEntry(self.step, self.timestep, _rows(self.args, self.batch, idx),
                                 _rows(self.kwargs, self.batch, idx), int(idx.numel()))
 
@@ -150,7 +156,7 @@ class CalibrationCache:
         device = next(transformer.parameters()).device
         outs = []
         for e in tqdm(entries, desc=desc, disable=not progress, leave=False):
-            out = transformer(*_to(e.args, device), **_to(e.kwargs, device))
+            out = transformer(*to_device(e.args, device), **to_device(e.kwargs, device))
             out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
             outs.append(out.detach().float().cpu())
         return outs
@@ -282,6 +288,7 @@ def _kept_steps(steps: int, keep: int) -> set[int]:
     return set(torch.linspace(0, steps - 1, keep).round().long().tolist())
 
 
+@stage(CalibrationSettings, figures=calibration_figures)
 def collect_calibration(session: Session, settings: CalibrationSettings | None = None) -> StageReport:
     """Record FP sampling trajectories (transformer inputs per step) into `session.calibration`."""
     s = settings or CalibrationSettings()
@@ -332,7 +339,7 @@ def collect_calibration(session: Session, settings: CalibrationSettings | None =
     rows = []
     for t in sorted(per_step, reverse=True):
         es = per_step[t]
-        x = torch.cat([_hidden_states(e).float().flatten() for e in es])
+        x = torch.cat([hidden_states_of(e).float().flatten() for e in es])
         rows.append({
             "step": es[0].step, "timestep": float(t), "calls": len(es), "rows": sum(e.batch for e in es),
             "latent_std": float(x.std()), "latent_absmax": float(x.abs().max()),
@@ -367,14 +374,15 @@ def calibration_from_inputs(session: Session, inputs: list[dict[str, Any]], time
     return cache
 
 
-def _hidden_states(e: CalibrationEntry) -> torch.Tensor:
+def hidden_states_of(e: CalibrationEntry) -> torch.Tensor:
+    """The latents of a recorded call: its first positional argument or `hidden_states`."""
     if e.args:
         return e.args[0]
     return e.kwargs.get("hidden_states", next(v for v in e.kwargs.values() if isinstance(v, torch.Tensor)))
 
 
 def _batch_of(e: CalibrationEntry) -> int:
-    return int(_hidden_states(e).shape[0])
+    return int(hidden_states_of(e).shape[0])
 
 
 def _find_timestep(e: CalibrationEntry) -> float:

@@ -28,7 +28,9 @@ from workbench.quant import QuantLinear, QuantSpec, Rule, quantize_model
 from workbench.quant.formats import QuantFormat
 from workbench.session import Session
 from workbench.stages.ptq import calibrate_static, layer_formats, uncalibrated_static, weight_budget
+from workbench.stages.registry import stage
 from workbench.stages.report import StageReport
+from workbench.viz.stage_figures import mixed_precision_figures
 
 RANKINGS = ("priority", "content", "temporal", "output_error")
 METHODS = ("greedy", "knapsack")
@@ -117,6 +119,7 @@ def _knapsack(costs: list[int], values: list[float], capacity: int) -> set[int]:
     return chosen
 
 
+@stage(MixedPrecisionSettings, figures=mixed_precision_figures)
 def assign_mixed_precision(session: Session, settings: MixedPrecisionSettings | None = None) -> StageReport:
     """Choose and apply per-layer bit-widths under the budget (module docstring)."""
     s = settings or MixedPrecisionSettings()

@@ -41,20 +41,20 @@ from torch import nn
 from workbench.quant import QuantLinear
 from workbench.session import Session
 from workbench.stages.calibration import capturing_inputs
+from workbench.quant.compensation import BinaryResidual, Compensation, LoRABranch
 from workbench.stages.distill import (
-    Compensation,
     DistillSettings,
     Term,
     TermContext,
     curves_of,
-    distill_figures,
     distill_summary,
-    register_drawing,
     run_distillation,
     unit_rows,
 )
-from workbench.stages.qvdit import ensure_quantized, quantized_layers
+from workbench.stages.qvdit import ensure_quantized, block_linears
+from workbench.stages.registry import stage
 from workbench.stages.report import StageReport
+from workbench.viz.stage_figures import mpq_figures
 
 RESIDUAL_MODES = ("element", "channel")
 LORA_INITS = ("error", "act_error", "zero")
@@ -62,46 +62,6 @@ LORA_INITS = ("error", "act_error", "zero")
 
 # ----------------------------------------------------------------------------------------------------
 # the branches
-
-
-class BinaryResidual(Compensation):
-    """alpha (.) sign(R) (.) M applied to the quantized input: the binary residual branch."""
-
-    def __init__(self, in_features: int, out_features: int, act_spec: dict | None = None, smooth: bool = False,
-                 rotation: bool = False) -> None:
-        super().__init__(in_features, out_features, act_spec, smooth, rotation)
-        self.register_buffer("signs", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.alpha = nn.Parameter(torch.zeros(out_features))
-
-    def weight_delta(self) -> torch.Tensor:
-        return self.alpha[:, None] * self.signs.to(self.alpha.dtype)
-
-    def delta(self, xq: torch.Tensor, x: torch.Tensor, y_q: torch.Tensor) -> torch.Tensor:
-        return F.linear(xq, self.weight_delta().to(xq.dtype))
-
-    @property
-    def salient_entries(self) -> int:
-        return int((self.signs != 0).sum())
-
-
-class LoRABranch(Compensation):
-    """B A applied to the quantized input (rank `rank`)."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int = 8, act_spec: dict | None = None,
-                 smooth: bool = False, rotation: bool = False) -> None:
-        super().__init__(in_features, out_features, act_spec, smooth, rotation)
-        self.rank = int(rank)
-        self.A = nn.Parameter(torch.zeros(self.rank, in_features))
-        self.B = nn.Parameter(torch.zeros(out_features, self.rank))
-
-    def export_init(self) -> dict[str, Any]:
-        return {**self._init_kwargs(), "rank": self.rank}
-
-    def weight_delta(self) -> torch.Tensor:
-        return self.B @ self.A
-
-    def delta(self, xq: torch.Tensor, x: torch.Tensor, y_q: torch.Tensor) -> torch.Tensor:
-        return F.linear(xq, self.weight_delta().to(xq.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -341,13 +301,14 @@ def branch_errors(model: nn.Module, layers: list[str], rows: list[dict[str, Any]
             by[name]["err_trained"] = rel_error(w, approx)
 
 
+@stage(MPQSettings, figures=mpq_figures)
 def mpq_distill(session: Session, settings: MPQSettings | None = None) -> StageReport:
     """Attach the binary residual and LoRA branches to every quantized linear of the blocks, initialise
     them from the quantization error and distill with the memory-based temporal relation loss."""
     s = settings or MPQSettings()
     ensure_quantized(session, "mpq_distill")
     t0 = time.perf_counter()
-    layers = quantized_layers(session.qtransformer, s.blocks)
+    layers = block_linears(session.qtransformer, s.blocks)
     rows = attach_branches(session, s, layers)
     term = MemoryRelationLoss(s.trd_queue, s.trd_tokens, s.trd_tau, s.trd_buckets,
                               getattr(session.quant_config, "max_timestep", 1000.0))
@@ -391,22 +352,7 @@ def _mean(values) -> float:  # noqa: ANN001
     return sum(vals) / len(vals) if vals else float("nan")
 
 
-def mpq_figures(report) -> list:  # noqa: ANN001
-    """Distillation curves and the weight error per layer: plain, + residual, + LoRA init, trained."""
-    from workbench.viz.figures import bar, grouped_bars
 
-    figs = distill_figures(report)
-    rows = report.tables.get("weights") or []
-    if rows:
-        cols = [c for c in ("err_plain", "err_residual", "err_lora_init", "err_trained") if any(r.get(c) is not None for r in rows)]
-        figs.append(grouped_bars(rows, "layer", cols, "Weight reconstruction error per layer: Q(W), + binary residual, "
-                                 "+ LoRA initialised from the error, after training", log=True, ytitle="||W - W_hat||^2 / ||W||^2"))
-        if any(r.get("salient_share") is not None for r in rows):
-            figs.append(bar(rows, "layer", "salient_share", "Share of salient weights in the binary residual branch"))
-    return figs
-
-
-register_drawing("mpq_distill", mpq_figures)
 
 __all__ = ["BinaryResidual", "LoRABranch", "MPQSettings", "MemoryRelationLoss", "binary_residual", "low_rank_init",
            "mpq_distill", "mpq_figures", "rel_error"]

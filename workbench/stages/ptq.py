@@ -15,10 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from workbench.quant import QuantConfig, QuantLinear, calibrate_model, quant_modules, quantize_model, quantizers
+from workbench.quant import (QuantConfig, QuantLinear, calibrate_model, quant_modules, quantize_model,
+                             quantized_linears, quantizers)
 from workbench.quant.attention import QuantAttention
 from workbench.session import Session
+from workbench.stages.registry import stage
 from workbench.stages.report import StageReport
+from workbench.viz.stage_figures import ptq_figures
 
 DEFAULT_KEEP_FP_ROLES = ["embed", "mod", "proj_in", "proj_out"]
 
@@ -32,6 +35,16 @@ class PTQSettings:
     quant: dict[str, Any] | None = None
     keep_fp_roles: list[str] = field(default_factory=lambda: list(DEFAULT_KEEP_FP_ROLES))
     calibrate: bool = True
+
+    def __post_init__(self) -> None:
+        from workbench.models.adapters import OTHER_ROLE, ROLE_GROUPS, ROLES
+
+        if self.quant is not None:
+            QuantConfig.from_dict(dict(self.quant))  # raises naming the bad field
+        known = {*ROLES, *ROLE_GROUPS, OTHER_ROLE}
+        unknown = [r for r in self.keep_fp_roles if r not in known]
+        if unknown:
+            raise ValueError(f"unknown role {unknown[0]!r} in keep_fp_roles; roles: {', '.join(sorted(known))}")
 
 
 def build_config(quant: dict[str, Any] | None, transformer: nn.Module, keep_fp_roles: list[str] = ()) -> QuantConfig:
@@ -111,7 +124,7 @@ def layer_formats(model: nn.Module) -> list[dict[str, Any]]:
 def weight_budget(model: nn.Module) -> dict[str, float]:
     """Average weight bits (parameter weighted) over quantized linears and weight megabytes of the model
     (quantized linears at their bits plus an fp16 scale per output channel, everything else fp32)."""
-    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.weight_quantizer is not None}
+    quantized = quantized_linears(model, weight_quantized=True)
     shared = {id(m.weight) for m in quantized.values()}
     q_params = sum(m.weight.numel() for m in quantized.values())
     q_bits = sum(m.weight.numel() * weight_bits(m) for m in quantized.values())
@@ -126,6 +139,7 @@ def weight_budget(model: nn.Module) -> dict[str, float]:
     }
 
 
+@stage(PTQSettings, figures=ptq_figures)
 def apply_quantization(session: Session, settings: PTQSettings | None = None) -> StageReport:
     """Quantize `session.qtransformer` in place per the quant config (see module docstring)."""
     s = settings or PTQSettings()
@@ -155,10 +169,3 @@ def apply_quantization(session: Session, settings: PTQSettings | None = None) ->
     )
     return session.add(report)
 
-
-@torch.no_grad()
-def set_quantized(model: nn.Module, on: bool) -> None:
-    """Switch every quantizer of `model` to "quantize" (on) or "off"."""
-    from workbench.quant import set_mode
-
-    set_mode(model, "quantize" if on else "off")

@@ -36,71 +36,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workbench.quant import QuantLinear
+from workbench.quant import QuantLinear, quantized_linears
 from workbench.session import Session
-from workbench.stages.distill import (
+from workbench.models.adapters import token_grid
+from workbench.quant.compensation import (
+    TOKEN_MODES,
     Compensation,
-    DistillSettings,
     LowRankWeightDelta,
-    Term,
-    TermContext,
+    TokenAwareEstimator,
     add_weight_delta,
     bake_weight_deltas,
     compensations,
-    curves_of,
-    distill_figures,
-    distill_summary,
-    frame_similarity,
-    register_drawing,
-    relation_kl,
-    run_distillation,
-    token_grid,
-    unit_rows,
     weight_deltas,
 )
+from workbench.stages.distill import (
+    DistillSettings,
+    Term,
+    TermContext,
+    curves_of,
+    distill_summary,
+    frame_similarity,
+    relation_kl,
+    run_distillation,
+    unit_rows,
+)
+from workbench.stages.registry import stage
 from workbench.stages.report import StageReport
+from workbench.viz.stage_figures import qvdit_figures
 
-TOKEN_MODES = ("frame", "token", "none")
-
-
-class TokenAwareEstimator(Compensation):
-    """m_token * (Q(x) A^T B^T): low-rank error estimate with a learnable scale per frame / token."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int = 4, tokens: int = 0, frames: int = 0,
-                 token_mode: str = "frame", act_spec: dict | None = None, smooth: bool = False,
-                 rotation: bool = False) -> None:
-        super().__init__(in_features, out_features, act_spec, smooth, rotation)
-        if token_mode not in TOKEN_MODES:
-            raise ValueError(f"unknown token_mode {token_mode!r}; choose one of {list(TOKEN_MODES)}")
-        self.rank, self.tokens, self.frames, self.token_mode = int(rank), int(tokens), int(frames), token_mode
-        self.A = nn.Parameter(torch.zeros(self.rank, in_features))
-        self.B = nn.Parameter(torch.zeros(out_features, self.rank))
-        size = {"frame": self.frames, "token": self.tokens, "none": 0}[token_mode] if self.tokens else 0
-        self.token_scale = nn.Parameter(torch.ones(size)) if size else None
-
-    def export_init(self) -> dict[str, Any]:
-        return {**self._init_kwargs(), "rank": self.rank, "tokens": self.tokens, "frames": self.frames,
-                "token_mode": self.token_mode}
-
-    @torch.no_grad()
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        bound = 1.0 / math.sqrt(self.in_features)
-        self.A.uniform_(-bound, bound, generator=generator)
-        self.B.zero_()
-        if self.token_scale is not None:
-            self.token_scale.fill_(1.0)
-
-    def weight_delta(self) -> torch.Tensor:
-        return self.B @ self.A
-
-    def delta(self, xq: torch.Tensor, x: torch.Tensor, y_q: torch.Tensor) -> torch.Tensor:
-        d = F.linear(xq, (self.B @ self.A).to(xq.dtype))
-        m = self.token_scale
-        if m is None or d.dim() < 3 or d.shape[-2] != self.tokens:
-            return d
-        if self.token_mode == "frame":
-            return (d.unflatten(-2, (self.frames, -1)) * m.to(d.dtype)[:, None, None]).flatten(-3, -2)
-        return d * m.to(d.dtype)[:, None]
 
 
 class TemporalRelationLoss:
@@ -150,19 +113,12 @@ class QVDiTSettings(DistillSettings):
 # helpers shared with the other method stages
 
 
-def quantized_layers(model: nn.Module, blocks: list[str] | None = None) -> dict[str, QuantLinear]:
+def block_linears(model: nn.Module, blocks: list[str] | None = None) -> dict[str, QuantLinear]:
     """QuantLinears with a weight quantizer inside the transformer blocks (or the named blocks)."""
     from workbench.models.adapters import named_transformer_blocks
 
-    names = blocks or [b for b, _ in named_transformer_blocks(model)]
-    prefixes = tuple(b + "." for b in names)
-    return {n: m for n, m in model.named_modules()
-            if isinstance(m, QuantLinear) and m.weight_quantizer is not None and n.startswith(prefixes)
-            and not _in_extras(n)}
-
-
-def _in_extras(name: str) -> bool:
-    return ".extras." in name or ".parametrizations." in name
+    return quantized_linears(model, within=blocks or [b for b, _ in named_transformer_blocks(model)],
+                             weight_quantized=True)
 
 
 @torch.no_grad()
@@ -186,10 +142,10 @@ def layer_token_counts(session: Session, layers: dict[str, nn.Module]) -> dict[s
 
 def session_grid(session: Session) -> tuple[int, int, int] | None:
     """(frames, height, width) of the session's token grid, from its calibration inputs."""
-    from workbench.stages.calibration import _hidden_states
+    from workbench.stages.calibration import hidden_states_of
 
     e = session.calibration.entries[0]
-    return token_grid(session.fp_transformer, tuple(_hidden_states(e).shape))
+    return token_grid(session.fp_transformer, tuple(hidden_states_of(e).shape))
 
 
 @torch.no_grad()
@@ -263,6 +219,7 @@ def tqe_rows(model: nn.Module, layers: list[str]) -> tuple[list[dict[str, Any]],
     return rows, scales
 
 
+@stage(QVDiTSettings, figures=qvdit_figures)
 def qvdit_distill(session: Session, settings: QVDiTSettings | None = None) -> StageReport:
     """Attach TQE to every quantized linear in the blocks and train it (plus weight scales) with TMD."""
     s = settings or QVDiTSettings()
@@ -270,7 +227,7 @@ def qvdit_distill(session: Session, settings: QVDiTSettings | None = None) -> St
     t0 = time.perf_counter()
     fp_sim = output_frame_similarity(session, session.fp_transformer, s.similarity_rows)
     before_sim = output_frame_similarity(session, session.qtransformer, s.similarity_rows)
-    layers = quantized_layers(session.qtransformer, s.blocks)
+    layers = block_linears(session.qtransformer, s.blocks)
     if s.tqe:
         attach_tqe(session, s, layers)
     terms = [Term("tmd", s.tmd_weight, TemporalRelationLoss(s.tmd_tau))] if s.tmd and s.tmd_weight > 0 else []
@@ -318,35 +275,7 @@ def _mean(values: list[float | None]) -> float:
     return sum(vals) / len(vals) if vals else float("nan")
 
 
-def qvdit_figures(report) -> list:  # noqa: ANN001
-    """Distillation curves, TQE magnitude per layer, token scales, frame-similarity matrices."""
-    from workbench.viz.figures import grouped_bars, heatmap
 
-    figs = distill_figures(report)
-    rows = report.tables.get("tqe") or []
-    if rows:
-        figs.append(grouped_bars(rows, "layer", ["inner_rel", "branch_rel"],
-                                 "TQE magnitude per layer: in-quantizer estimate ||BA||/||W|| and token branch",
-                                 log=True, ytitle="relative to ||W||"))
-    scales = report.arrays.get("token_scales") or {}
-    if scales:
-        names = list(scales)
-        figs.append(heatmap([scales[n] for n in names], None, names,
-                            "TQE token scales per layer (columns: frames or tokens)", "frame / token", "layer", "RdBu"))
-    sims = report.arrays.get("frame_similarity") or {}
-    for key, title in (("fp", "FP"), ("before", "quantized before Q-VDiT"), ("after", "quantized after Q-VDiT")):
-        if sims.get(key) is not None:
-            figs.append(heatmap(sims[key], None, list(range(len(sims[key]))),
-                                f"Frame-to-frame cosine similarity of the output: {title}", "frame", "frame"))
-    if sims.get("fp") is not None and sims.get("after") is not None:
-        for key in ("before", "after"):
-            diff = [[a - b for a, b in zip(ra, rb)] for ra, rb in zip(sims[key], sims["fp"])]
-            figs.append(heatmap(diff, None, list(range(len(diff))),
-                                f"Frame similarity error ({key} - FP)", "frame", "frame", "RdBu"))
-    return figs
-
-
-register_drawing("qvdit_distill", qvdit_figures)
 
 __all__ = ["QVDiTSettings", "TemporalRelationLoss", "TokenAwareEstimator", "attach_tqe", "qvdit_distill",
-           "qvdit_figures", "quantized_layers"]
+           "qvdit_figures", "block_linears"]

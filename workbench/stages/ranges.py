@@ -31,13 +31,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from workbench.quant import QuantConfig, QuantLinear, QuantSpec, Quantizer, at_timestep, calibrate_model, quantize_model
+from workbench.quant import (QuantConfig, QuantLinear, QuantSpec, Quantizer, at_timestep, calibrate_model,
+                             quantize_model, quantized_linears)
 from workbench.quant.balance import rotation_matrix, smooth_scales
 from workbench.quant.formats import qrange
 from workbench.quant.quantizer import OBSERVERS
 from workbench.session import Session
 from workbench.stages.calibration import capturing_inputs
+from workbench.stages.registry import stage
 from workbench.stages.report import StageReport
+from workbench.viz.stage_figures import ranges_figures
 
 
 @dataclass
@@ -189,6 +192,7 @@ def _quantizer_range(q: Quantizer, scale: torch.Tensor, zero: torch.Tensor) -> t
     return float(lo.min()), float(hi.max())
 
 
+@stage(RangeSettings, figures=ranges_figures)
 def calibrate_ranges(session: Session, settings: RangeSettings | None = None) -> StageReport:
     """Re-spec static observers, balance channels, calibrate static ranges; report errors and ranges."""
     s = settings or RangeSettings()
@@ -200,10 +204,7 @@ def calibrate_ranges(session: Session, settings: RangeSettings | None = None) ->
     qt = session.qtransformer
     max_t = session.quant_config.max_timestep
 
-    def quantized_linears() -> dict[str, QuantLinear]:
-        return {n: m for n, m in qt.named_modules() if isinstance(m, QuantLinear) and m.input_quantizer is not None}
-
-    layers = quantized_linears()
+    layers = quantized_linears(qt, act_quantized=True)
     absmax, samples = _fp_inputs(session, list(layers), s.sample_rows)
 
     # errors as the stage found them (static quantizers need a range first)
@@ -218,7 +219,7 @@ def calibrate_ranges(session: Session, settings: RangeSettings | None = None) ->
     if new_config != session.quant_config:
         quantize_model(qt, new_config)
         session.quant_config = new_config
-        layers = quantized_linears()
+        layers = quantized_linears(qt, act_quantized=True)
 
     # channel balancing: every (alpha, rotation) candidate is tried per layer, the least output error wins
     alphas: list[float | None] = [None, *s.alpha_search] if s.alpha_search else [s.smooth_alpha]
@@ -256,7 +257,7 @@ def calibrate_ranges(session: Session, settings: RangeSettings | None = None) ->
         chosen_alpha[n] = None
         after[n] = before[n]
     del previous
-    layers = quantized_linears()
+    layers = quantized_linears(qt, act_quantized=True)
     static_names = [n for n, m in layers.items() if _static(m)]
 
     from workbench.models.adapters import adapter_for, layer_role

@@ -42,21 +42,13 @@ import torch
 from torch import nn
 
 from workbench.session import Session
-from workbench.stages.calibration import CalibrationCache, CalibrationEntry, _to, capturing_inputs
-from workbench.stages.distill import (
-    DistillSettings,
-    LowRankWeightDelta,
-    add_weight_delta,
-    bake_weight_deltas,
-    curves_of,
-    distill_figures,
-    distill_summary,
-    register_drawing,
-    run_distillation,
-    unit_rows,
-)
-from workbench.stages.qvdit import ensure_quantized, quantized_layers, session_grid
+from workbench.quant.compensation import LowRankWeightDelta, add_weight_delta, bake_weight_deltas
+from workbench.stages.calibration import CalibrationCache, CalibrationEntry, capturing_inputs, to_device
+from workbench.stages.distill import DistillSettings, curves_of, distill_summary, run_distillation, unit_rows
+from workbench.stages.qvdit import ensure_quantized, block_linears, session_grid
+from workbench.stages.registry import stage
 from workbench.stages.report import StageReport
+from workbench.viz.stage_figures import selection_figures, sparse_token_figures
 
 METHODS = ("salient", "uniform", "random")
 
@@ -76,24 +68,9 @@ class Candidate:
     rows: list[int]
 
 
-def _index_rows(x: Any, batch: int, idx: torch.Tensor) -> Any:
-    if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch:
-        return x[idx]
-    if isinstance(x, tuple):
-        return tuple(_index_rows(v, batch, idx) for v in x)
-    if isinstance(x, list):
-        return [_index_rows(v, batch, idx) for v in x]
-    if isinstance(x, dict):
-        return {k: _index_rows(v, batch, idx) for k, v in x.items()}
-    return x
-
-
 def candidate_entry(cache: CalibrationCache, c: Candidate) -> CalibrationEntry:
     """The calibration entry holding just this candidate's rows."""
-    e = cache.entries[c.entry]
-    idx = torch.tensor(c.rows)
-    return CalibrationEntry(e.step, e.timestep, _index_rows(e.args, e.batch, idx), _index_rows(e.kwargs, e.batch, idx),
-                            len(c.rows))
+    return cache.entries[c.entry].take(torch.tensor(c.rows))
 
 
 def candidates(cache: CalibrationCache) -> list[Candidate]:
@@ -121,7 +98,7 @@ def candidates(cache: CalibrationCache) -> list[Candidate]:
 def saliences(session: Session, cands: list[Candidate], cache: CalibrationCache) -> tuple[torch.Tensor, torch.Tensor]:
     """(diffusion salience D, Hessian-aware quantization salience Q) per candidate (module docstring)."""
     fp, q = session.fp_transformer, session.qtransformer
-    layers = quantized_layers(q)
+    layers = block_linears(q)
     # dW in each layer's input basis (the quantized weight of the session's model)
     dws = {n: (ql.effective_weight().detach().float(), (ql.effective_weight() - ql.quantized_weight()).detach().float())
            for n, ql in layers.items()}
@@ -145,7 +122,7 @@ def saliences(session: Session, cands: list[Candidate], cache: CalibrationCache)
     with capturing_inputs(fp, list(layers), fn):
         for i, e in enumerate(cache.entries):
             per_row.clear()
-            out = fp(*_to(e.args, device), **_to(e.kwargs, device))
+            out = fp(*to_device(e.args, device), **to_device(e.kwargs, device))
             out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
             out = out.detach().float().cpu()
             rel = torch.stack(list(per_row.values())).mean(0) if per_row else torch.zeros(e.batch)
@@ -245,6 +222,7 @@ class SalientSelectionSettings:
             raise ValueError("compare_iters must be >= 0, compare_rows and compare_batch >= 1")
 
 
+@stage(SalientSelectionSettings, figures=selection_figures)
 def select_salient_calibration(session: Session, settings: SalientSelectionSettings | None = None) -> StageReport:
     """Score every (prompt, step) candidate of the calibration pool and keep `budget` of them."""
     s = settings or SalientSelectionSettings()
@@ -403,12 +381,13 @@ def attention_token_fn(session: Session, keep_ratio: float, mix: float) -> Calla
     return fn
 
 
+@stage(SparseTokenSettings, figures=sparse_token_figures)
 def sparse_token_distill(session: Session, settings: SparseTokenSettings | None = None) -> StageReport:
     """Block reconstruction with per-token loss weights from the FP attention each token receives."""
     s = settings or SparseTokenSettings()
     ensure_quantized(session, "sparse_token_distill")
     t0 = time.perf_counter()
-    layers = quantized_layers(session.qtransformer, s.blocks)
+    layers = block_linears(session.qtransformer, s.blocks)
     if s.rank:
         g = torch.Generator().manual_seed(s.seed + 2)
         for ql in layers.values():
@@ -452,72 +431,7 @@ def sparse_token_distill(session: Session, settings: SparseTokenSettings | None 
 # figures
 
 
-def _frames_side_by_side(vol: list) -> list[list[float | None]]:
-    """(F, H, W) nested lists -> H rows of the F frames side by side, one empty column between frames."""
-    rows = []
-    for h in range(len(vol[0])):
-        row: list[float | None] = []
-        for f, frame in enumerate(vol):
-            if f:
-                row.append(None)
-            row.extend(frame[h])
-        rows.append(row)
-    return rows
 
-
-def selection_figures(report) -> list:  # noqa: ANN001
-    from workbench.viz.figures import grouped_bars, heatmap, lines
-
-    figs = []
-    a = report.arrays
-    ts = a.get("timesteps")
-    if a.get("per_timestep"):
-        figs.append(lines(a["per_timestep"], ts, "Salience per timestep (mean over prompts)", "timestep", "salience"))
-    for name in ("score", "diffusion", "quantization"):
-        z = (a.get("grids") or {}).get(name)
-        if z:
-            figs.append(heatmap(z, [f"t={t:.0f}" for t in ts], [f"prompt {p}" for p in a.get("prompts", [])],
-                                f"{name} salience per prompt and timestep", "timestep", "prompt", "Viridis"))
-    sel = [r for r in report.tables.get("candidates", [])]
-    if sel:
-        import plotly.graph_objects as go
-
-        from workbench.viz.figures import LAYOUT
-
-        fig = go.Figure()
-        for chosen in (False, True):
-            sub = [r for r in sel if r["selected"] == chosen]
-            fig.add_scatter(x=[r["timestep"] for r in sub], y=[r["score"] for r in sub], mode="markers",
-                            name="selected" if chosen else "not selected", text=[r["prompt_text"] for r in sub])
-        fig.update_layout(title="Salience score of every candidate vs timestep", xaxis_title="timestep",
-                          yaxis_title="score", **LAYOUT)
-        figs.append(fig)
-    if report.tables.get("comparison"):
-        figs.append(grouped_bars(report.tables["comparison"], "method", ["output_err_untrained", "output_err_trained"],
-                                 "Output error vs FP after a short reconstruction on each selection", log=True,
-                                 ytitle="relative MSE"))
-    return figs
-
-
-def sparse_token_figures(report) -> list:  # noqa: ANN001
-    from workbench.viz.figures import bar, heatmap
-
-    figs = distill_figures(report)
-    for unit, m in (report.arrays.get("token_maps") or {}).items():
-        for key, label in (("mean", "mean over rows"), ("first", "one row")):
-            vol = m.get(key)
-            if vol:
-                figs.append(heatmap(_frames_side_by_side(vol), None, list(range(len(vol[0]))),
-                                    f"{unit}: token weights ({label}), frames left to right (height x width each)",
-                                    "frame x width", "height", "Viridis"))
-    if report.tables.get("token_weights"):
-        figs.append(bar(report.tables["token_weights"], "block", "top10_attention_share",
-                        "Share of the attention received by the top 10% tokens (sparsity)", ytitle="share"))
-    return figs
-
-
-register_drawing("select_salient_calibration", selection_figures)
-register_drawing("sparse_token_distill", sparse_token_figures)
 
 __all__ = ["SalientSelectionSettings", "SparseTokenSettings", "attention_weights", "candidates", "saliences",
            "select_salient_calibration", "sparse_token_distill"]

@@ -1,37 +1,20 @@
-"""Plotly figures for stage reports: `figures_for(report)` draws any StageReport from its plain data."""
+"""Plotly figures and the HTML pages: building blocks (`charts`), one drawing per stage (`stage_figures`,
+named by each stage's `@stage(...)`), the layer explorer of the notebooks (`explore`) and the self-contained
+HTML report (`html`). `figures_for(report)` draws any StageReport from its plain data."""
 
 from __future__ import annotations
 
-from workbench.viz.figures import (
-    analysis_figures,
-    bar,
-    calibration_figures,
-    generic_figures,
-    grouped_bars,
-    heatmap,
-    lines,
-    mixed_precision_figures,
-    ptq_figures,
-    ranges_figures,
-    scatter,
-    table_figure,
-)
-
-DRAWINGS = {
-    "collect_calibration": calibration_figures,
-    "analyze_error_sources": analysis_figures,
-    "apply_quantization": ptq_figures,
-    "calibrate_ranges": ranges_figures,
-    "assign_mixed_precision": mixed_precision_figures,
-}
+from workbench.viz.charts import bar, grouped_bars, heatmap, lines, scatter, short_name, table_figure
 
 
 def figures_for(report) -> list:
-    """Plotly figures of a StageReport: its stage's drawing, or tables for stages without one."""
-    return DRAWINGS.get(report.name, generic_figures)(report)
+    """Plotly figures of a StageReport: its stage's drawing (from the stage registry), else its tables."""
+    from workbench.stages import STAGES
+    from workbench.viz.stage_figures import generic_figures
+
+    info = STAGES.get(report.name)
+    draw = info.figures if info is not None and info.figures is not None else generic_figures
+    return draw(report)
 
 
-__all__ = [
-    "DRAWINGS", "analysis_figures", "bar", "calibration_figures", "figures_for", "generic_figures", "grouped_bars",
-    "heatmap", "lines", "mixed_precision_figures", "ptq_figures", "ranges_figures", "scatter", "table_figure",
-]
+__all__ = ["bar", "figures_for", "grouped_bars", "heatmap", "lines", "scatter", "short_name", "table_figure"]

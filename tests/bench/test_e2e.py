@@ -1,0 +1,136 @@
+"""The end-to-end benchmark's logic on the CPU reference path (the GPU run uses the same code)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from workbench.bench.page import targets
+from workbench.bench import e2e as bench_e2e
+from workbench.kernels import dispatch
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+def test_swap_ours_replaces_block_linears_and_fuses_gelu():
+    case = bench_e2e.cases(dry=True)[1]  # tiny Wan
+    model = bench_e2e.build(case, torch.device("cpu"), torch.float32)
+    n_block = sum(1 for name, m in model.named_modules()
+                  if isinstance(m, torch.nn.Linear) and bench_e2e.block_linear(name, m))
+    n = bench_e2e.swap_ours(model, "w8a8")
+    assert n == n_block
+    cog = bench_e2e.build(bench_e2e.cases(dry=True)[0], torch.device("cpu"), torch.float32)
+    n_adaln = sum(1 for name, m in cog.named_modules() if isinstance(m, torch.nn.Linear) and "blocks." in name
+                  and ".norm" in name)
+    assert n_adaln == 2 * bench_e2e.cases(dry=True)[0].config["num_layers"]  # norm1/norm2 modulation per block
+    n4 = bench_e2e.swap_ours(cog, "w4a8")  # memory-first W4A8 packs the AdaLN linears too
+    assert not any(isinstance(m, torch.nn.Linear) and "blocks." in name for name, m in cog.named_modules())
+    assert n4 == 6 * 2 + n_adaln  # q, k, v, out, ff1, ff2 per block + modulation
+    fused = [m for m in model.modules() if isinstance(m, bench_e2e._FusedGELU)]
+    assert len(fused) == case.config["num_layers"] and fused[0].proj.activation == "gelu_tanh"
+    assert not any(isinstance(m, torch.nn.Linear) and bench_e2e.block_linear(name, m) for name, m in model.named_modules())
+
+
+def test_run_case_measures_error_and_routes_attention():
+    case = bench_e2e.cases(dry=True)[1]
+    variants = [v for v in bench_e2e.VARIANTS
+                if v.name in ("bf16 eager", "ours W8A8 + qattn", "ours W4A8", "ours FP8 + qattn, compiled")]
+    seen: list[list[str]] = []
+    rows = bench_e2e.run_case(case, variants, torch.device("cpu"), torch.float32, warmup=1, log=lambda m: None,
+                              min_attn_tokens=16, on_row=lambda part: seen.append([r.variant for r in part]),
+                              compile_backend="aot_eager")
+    assert seen == [[v.name for v in variants[:i + 1]] for i in range(len(variants))]  # saved after every variant
+    by = {r.variant: r for r in rows}
+    assert all(r.error is None for r in rows), [r.error for r in rows]
+    assert by["bf16 eager"].rel_err == 0.0 and by["bf16 eager"].speedup_vs_eager == pytest.approx(1.0)
+    assert 0 < by["ours W8A8 + qattn"].rel_err < 0.05 and by["ours W8A8 + qattn"].qattn_calls == case.config["num_layers"]  # self-attention only
+    assert by["ours W8A8 + qattn"].rel_err < by["ours W4A8"].rel_err  # 4-bit weights cost more than 8-bit
+    assert by["ours W4A8"].weight_gib < 0.5 * by["bf16 eager"].weight_gib
+    compiled = by["ours FP8 + qattn, compiled"]  # traced through the custom ops: attention still routed
+    assert compiled.qattn_calls == case.config["num_layers"] and 0 < compiled.rel_err < 0.05
+    md = bench_e2e.markdown(rows)
+    assert md.count("\n") == len(rows) + 1 and "ours W4A8" in md
+
+
+def test_quantized_attention_context_restores_sdpa():
+    orig = torch.nn.functional.scaled_dot_product_attention
+    q = torch.randn(1, 2, 32, 64)
+    with bench_e2e.quantized_attention(min_tokens=16) as patched:
+        out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        short = torch.nn.functional.scaled_dot_product_attention(q[:, :, :8], q[:, :, :8], q[:, :, :8])
+    assert torch.nn.functional.scaled_dot_product_attention is orig
+    assert patched.calls == 1  # the 8-token call stayed on SDPA
+    ref = orig(q, q, q)
+    assert (out - ref).norm() / ref.norm() < 0.03
+    assert torch.equal(short, orig(q[:, :, :8], q[:, :, :8], q[:, :, :8]))
+
+
+def test_targets_compare_against_the_right_baselines():
+    micro = [
+        dict(group="M", shape="ff1", method="ours W8A8 (incl. act quant)", ms=1.0, speedup=1.7),
+        dict(group="M", shape="ff1", method="ours FP8 (incl. act quant)", ms=1.0, speedup=1.9),
+        dict(group="M", shape="qkv", method="ours FP8 (incl. act quant)", ms=1.0, speedup=1.2),
+        dict(group="M", shape="attn B=1 H=30 N=17776 D=64", method="ours int8 QK", ms=1.0, speedup=2.0, rel_err=0.02),
+    ]
+    e2e = [dict(model="X", variant="bf16 eager", ms=100.0, weight_gib=4.0, weight_source="bytes"),
+           dict(model="X", variant="bf16 torch.compile", ms=90.0, weight_gib=4.0),
+           dict(model="X", variant="torchao fp8 row-wise, compiled", ms=60.0, weight_gib=2.0),
+           dict(model="X", variant="ours W4A8", ms=56.0, weight_gib=0.9),  # allocator-measured (older run): not used
+           dict(model="X", variant="ours W4A8, compiled", ms=55.0, weight_gib=1.1, weight_source="bytes"),
+           dict(model="X", variant="ours FP8 + qattn", ms=45.0, weight_gib=2.0)]
+    lin = next(x for x in targets(micro, e2e) if x["target"].startswith("W8A8/FP8"))
+    assert not lin["met"] and "qkv: 1.20x" in lin["measured"] and "ff1: 1.90x" in lin["measured"]
+    att = next(x for x in targets(micro, e2e) if x["target"].startswith("quantized attention"))
+    assert att["met"]
+    e2 = next(x for x in targets(micro, e2e) if "end to end" in x["target"])
+    assert e2["met"] and "ours FP8 + qattn" in e2["measured"]  # 90/45 = 2.0x and faster than torchao's 60 ms
+    mem = next(x for x in targets(micro, e2e) if "W4A8 weight" in x["target"])
+    assert mem["met"] and "0.275x" in mem["measured"]  # 1.1 / 4.0 GiB
+
+
+def test_bench_needs_a_gpu_or_dry_run(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from workbench.cli.commands import main
+
+    assert main(["bench", "--skip-micro"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_merge_keeps_measured_rows_and_replaces_same_named_ones():
+    from workbench.bench.page import merge_e2e
+
+    old = [dict(model="A", variant="bf16 eager", ms=10.0), dict(model="A", variant="ours FP8, compiled", ms=5.0)]
+    new = [dict(model="A", variant="ours FP8, compiled", ms=None, error="skipped: time budget exhausted"),
+           dict(model="A", variant="bf16 eager", ms=9.0), dict(model="B", variant="bf16 eager", ms=20.0)]
+    merged = {(r["model"], r["variant"]): r["ms"] for r in merge_e2e(old, new)}
+    assert merged == {("A", "bf16 eager"): 9.0, ("A", "ours FP8, compiled"): 5.0, ("B", "bf16 eager"): 20.0}
+
+
+def test_bench_append_joins_two_calls_and_refuses_another_gpu(tmp_path):
+    import json
+
+    from workbench.bench.page import BenchSettings, run_bench
+
+    out = tmp_path / "bench.md"
+    kw = dict(out=str(out), skip_micro=True, dry_run_cpu=True, e2e_variants="bf16 eager,ours W4A8")
+    run_bench(BenchSettings(models="Wan", **kw))
+    with pytest.raises(FileNotFoundError, match="--append needs"):
+        run_bench(BenchSettings(models="CogVideoX", append=True, **{**kw, "out": str(tmp_path / "other.md")}))
+    result = run_bench(BenchSettings(models="CogVideoX", append=True, **kw))
+    assert {r["model"] for r in result["e2e"]} == {"Wan (tiny)", "CogVideoX (tiny)"}
+    assert len(result["parts"]) == 2 and all(r["ms"] for r in result["e2e"])
+    assert all(r["speedup_vs_eager"] for r in result["e2e"])  # each against its own model's baseline
+    page = out.read_text()
+    assert "Wan (tiny) | ours W4A8" in page and "CogVideoX (tiny) | ours W4A8" in page and "joins calls" in page
+    data = json.loads(out.with_suffix(".json").read_text())
+    data["env"]["gpu"] = "NVIDIA H200"
+    out.with_suffix(".json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="cannot share one page"):
+        run_bench(BenchSettings(models="Wan", append=True, **kw))

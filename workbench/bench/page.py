@@ -1,0 +1,215 @@
+"""`workbench bench`: the GPU benchmark in one run, written to docs/benchmarks.md.
+
+Runs the kernel correctness checks and per-shape microbenchmarks (`workbench.bench.micro`), then the
+end-to-end transformer forwards (`workbench.bench.e2e`), and writes one markdown page: the
+issue's targets with the measured number beside each, then every table. On a machine without CUDA it
+stops with a clear message (`--dry-run-cpu` checks the logic on tiny shapes instead).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass
+class BenchSettings:
+    out: str = "docs/benchmarks.md"
+    quick: bool = False
+    micro_budget_s: float = 225.0
+    e2e_budget_s: float | None = None  # per model
+    models: str | None = None  # e2e case-name substrings
+    e2e_variants: str | None = None
+    skip_micro: bool = False
+    skip_e2e: bool = False
+    dry_run_cpu: bool = False
+    force: bool = False
+    append: bool = False  # extend an earlier run's page (same GPU) instead of replacing it
+
+
+def merge_e2e(old: list[dict], new: list[dict]) -> list[dict]:
+    """Rows of `old` updated by `new`, keyed by (model, variant); a new error/skip row never hides a measured one."""
+    out = {(r["model"], r["variant"]): r for r in old}
+    for r in new:
+        key = (r["model"], r["variant"])
+        prev = out.get(key)
+        if prev is not None and prev.get("ms") and not r.get("ms"):
+            continue
+        out[key] = r
+    return list(out.values())
+
+
+def load_previous(json_path: Path, env: dict) -> dict:
+    """An earlier run's results to extend; refuses a run made on another GPU (its speed-ups would not compare)."""
+    if not json_path.exists():
+        raise FileNotFoundError(f"--append needs an earlier run's {json_path}; run without --append first")
+    try:
+        prev = json.loads(json_path.read_text())
+        gpu = prev["env"]["gpu"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{json_path} is not a `workbench bench` result ({exc}); "
+                         "move it away or drop --append") from exc
+    if gpu != env["gpu"]:
+        raise ValueError(f"{json_path} was measured on {gpu!r}, this machine has {env['gpu']!r}: results of two GPUs "
+                         "cannot share one page; write a new page with --out")
+    return prev
+
+
+def targets(micro_rows: list[dict], e2e_rows: list[dict]) -> list[dict[str, Any]]:
+    """The issue's four targets, each with the measured value and whether it is met."""
+    out: list[dict[str, Any]] = []
+    lin = [r for r in micro_rows if r.get("ms") and r.get("method", "").startswith(("ours W8A8", "ours FP8"))
+           and "incl." in r.get("method", "") and not r.get("shape", "").startswith("attn")]
+    by_shape: dict[tuple[str, str], float] = {}
+    for r in lin:
+        k = (r["group"], r["shape"])
+        by_shape[k] = max(by_shape.get(k, 0.0), r["speedup"])
+    if by_shape:
+        worst = min(by_shape.items(), key=lambda kv: kv[1])
+        out.append(dict(target="W8A8/FP8 linears >= 1.6x bf16 cuBLAS, quantization included",
+                        measured="; ".join(f"{g} {s}: {v:.2f}x" for (g, s), v in sorted(by_shape.items())),
+                        met=worst[1] >= 1.6))
+    attn = [r for r in micro_rows if r.get("ms") and r.get("shape", "").startswith("attn") and "17776" in r["shape"]
+            and r.get("method", "").startswith("ours")]
+    if attn:
+        best = max(attn, key=lambda r: r["speedup"])
+        ok_err = best.get("rel_err") is not None and best["rel_err"] <= 0.03
+        out.append(dict(target="quantized attention >= 1.8x SDPA at 17k tokens, rel. error <= 3%",
+                        measured=f"{best['method']}: {best['speedup']:.2f}x, rel. error {best.get('rel_err', float('nan')):.2%}",
+                        met=best["speedup"] >= 1.8 and ok_err))
+    for model in sorted({r["model"] for r in e2e_rows}):
+        rows = [r for r in e2e_rows if r["model"] == model and r.get("ms")]
+        comp = next((r["ms"] for r in rows if r["variant"] == "bf16 torch.compile"), None)
+        ao = [r for r in rows if r["variant"].startswith("torchao")]
+        ours = [r for r in rows if r["variant"].startswith("ours")]
+        if comp and ours:
+            b = min(ours, key=lambda r: r["ms"])
+            ao_best = min(ao, key=lambda r: r["ms"]) if ao else None
+            txt = f"{b['variant']}: {b['ms']:.1f} ms = {comp / b['ms']:.2f}x bf16 compiled ({comp:.1f} ms)"
+            if ao_best:
+                txt += f"; torchao best {ao_best['variant']} {ao_best['ms']:.1f} ms"
+            out.append(dict(target=f"{model}: end to end >= 1.8x bf16 torch.compile and faster than torchao's best",
+                            measured=txt, met=comp / b["ms"] >= 1.8 and (ao_best is None or b["ms"] < ao_best["ms"])))
+        bf = next((r for r in e2e_rows if r["model"] == model and r["variant"] == "bf16 eager" and r.get("weight_gib")
+                   and r.get("weight_source") == "bytes"), None)
+        w4 = next((r for r in e2e_rows if r["model"] == model and r["variant"].startswith("ours W4A8")
+                   and r.get("weight_gib") and r.get("weight_source") == "bytes"), None)
+        if bf and w4:
+            ratio = w4["weight_gib"] / bf["weight_gib"]
+            out.append(dict(target=f"{model}: W4A8 weight memory <= 0.3x bf16",
+                            measured=f"{w4['weight_gib']:.3f} GiB vs {bf['weight_gib']:.3f} GiB = {ratio:.3f}x "
+                                     "(parameters + buffers of the whole transformer; block linears and AdaLN "
+                                     "modulation int4, embedders bf16)", met=ratio <= 0.3))
+    return out
+
+
+def environment() -> dict[str, Any]:
+    """GPU, versions and date of the run."""
+    info: dict[str, Any] = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                            "torch": torch.__version__, "python": platform.python_version()}
+    for mod in ("triton", "diffusers", "torchao"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - a missing optional package is reported as such
+            info[mod] = "not installed"
+    info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU dry run)"
+    return info
+
+
+def write_markdown(path: Path, env: dict, tgt: list[dict], micro_md: str | None, e2e_md: str | None,
+                   wall_s: float, parts: list[dict] | None = None) -> None:
+    head = (f"Written by `workbench bench` on {env['date']}: **{env['gpu']}**, torch {env['torch']}, "
+            f"triton {env['triton']}, diffusers {env['diffusers']}, torchao {env['torchao']}; "
+            f"run took {wall_s / 60:.1f} min.")
+    if parts and len(parts) > 1:
+        head += (" The page joins calls on the same GPU (`--append`; the device's per-command limit is 10 minutes): "
+                 + "; ".join(f"{p['date']} {p['what']} ({p['wall_s'] / 60:.1f} min)" for p in parts) + ".")
+    lines = ["# GPU benchmarks", "", head, "", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |" for t in tgt]
+    if e2e_md:
+        lines += ["", "## End-to-end transformer forward (batch 1, random weights, one denoising step)", "", e2e_md]
+    if micro_md:
+        lines += ["", "## Kernels", "", micro_md]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def run_bench(s: BenchSettings) -> dict[str, Any]:
+    """Run what the settings ask for and write the markdown page; returns the raw results."""
+    if not s.dry_run_cpu and not torch.cuda.is_available():
+        raise RuntimeError("`workbench bench` measures GPU kernels and needs a CUDA GPU; this machine has none. "
+                           "Use --dry-run-cpu to check the benchmark's logic on tiny shapes.")
+    out = Path(s.out)
+    if out.exists() and not s.force and not s.append and not s.dry_run_cpu:
+        raise FileExistsError(f"{out} exists; pass --force to replace it, --append to extend it (same GPU), "
+                              "or --out another path")
+    t0 = time.time()
+    env = environment()
+    micro_rows: list[dict] = []
+    micro_md = None
+    e2e_rows: list[dict] = []
+    parts: list[dict] = []
+    if s.append:
+        prev = load_previous(out.with_suffix(".json"), env)
+        micro_rows, micro_md = prev.get("micro", []), prev.get("micro_md")
+        e2e_rows, parts = prev.get("e2e", []), prev.get("parts", [])
+    what = ", ".join(x for x in (None if s.skip_micro else "kernels",
+                                 None if s.skip_e2e else f"end to end {s.models or 'all models'}") if x)
+    part = {"date": env["date"], "what": what, "wall_s": 0.0}
+    parts = parts + [part]
+    if not s.skip_micro:  # its own process: the Triton interpreter flag must precede any triton import
+        with tempfile.TemporaryDirectory() as tmp:
+            penv = {**os.environ, "OUT": tmp, "PYTHONUNBUFFERED": "1"}
+            if s.dry_run_cpu:
+                penv["TRITON_INTERPRET"] = "1"
+            argv = ["--budget", str(s.micro_budget_s)] + (["--quick"] if s.quick else []) + \
+                   (["--dry-run-cpu"] if s.dry_run_cpu else [])
+            rc = subprocess.run([sys.executable, "-m", "workbench.bench.micro", *argv], env=penv).returncode
+            js = Path(tmp) / "gpu_kernels_bench.json"
+            if not js.exists():
+                raise RuntimeError(f"the kernel microbenchmark exited with code {rc} before writing its results")
+            micro = json.loads(js.read_text())
+            micro_rows = micro["rows"]  # a new kernel run replaces an appended page's kernel tables
+            micro_md = (Path(tmp) / "gpu_kernels_bench.md").read_text()
+            if rc:
+                micro_md = "**Some kernel correctness checks FAILED (see the checks table).**\n\n" + micro_md
+
+    def write(partial: list[dict] | None = None) -> dict[str, Any]:
+        """Write the page and JSON; called after every part and every end-to-end variant, so a run cut
+        short by a time limit still leaves what it measured."""
+        row_objs = bench_e2e.ordered([bench_e2e.Row(**r) for r in merge_e2e(e2e_rows, partial or [])])
+        bench_e2e.fill_speedups(row_objs)  # rows merged from several calls: speed-ups against this page's baselines
+        rows = [asdict(r) for r in row_objs]
+        tgt = targets(micro_rows, rows)
+        e2e_md = bench_e2e.markdown(row_objs) if rows else None
+        part["wall_s"] = time.time() - t0
+        write_markdown(out, env, tgt, micro_md, e2e_md, sum(p["wall_s"] for p in parts), parts)
+        result = {"env": env, "targets": tgt, "micro": micro_rows, "micro_md": micro_md, "e2e": rows,
+                  "parts": parts, "settings": asdict(s)}
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+        return result
+
+    from workbench.bench import e2e as bench_e2e
+
+    result = write()
+    if not s.skip_e2e:
+        names = [c.name for c in bench_e2e.cases(s.dry_run_cpu)]
+        wanted = [n for n in names if not s.models or any(m.strip() in n for m in s.models.split(","))]
+        for name in wanted:
+            argv = (["--dry-run-cpu"] if s.dry_run_cpu else []) + ["--models", name, "--out", ""] + \
+                   (["--variants", s.e2e_variants] if s.e2e_variants else []) + \
+                   (["--budget", str(s.e2e_budget_s)] if s.e2e_budget_s else [])
+            e2e_rows = merge_e2e(e2e_rows, [asdict(r) for r in bench_e2e.main(
+                argv, on_row=lambda rows: write([asdict(r) for r in rows]))])
+            result = write()
+    return result

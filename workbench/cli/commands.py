@@ -1,0 +1,252 @@
+"""`workbench ...`: the command line. Each command calls library functions; none holds logic of its own."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from workbench.world.grammar import PromptError
+
+
+def _model(name: str):
+    from workbench.models import load_bundled
+    from workbench.models.bundled import BUNDLED
+
+    if name not in BUNDLED:
+        raise ValueError(
+            f"`{name}` is not a bundled text-to-video model ({', '.join(BUNDLED)}); generation needs the bundled "
+            "model's text encoder. Local diffusers checkpoints load with workbench.models.load() for analysis."
+        )
+    return load_bundled(name)
+
+
+def _settings(args):
+    from workbench.eval.prompt_set import EvalSettings, read_prompts_file
+
+    kw = dict(seed=args.seed, steps=args.steps, guidance=args.guidance)
+    if getattr(args, "prompts", None):
+        kw["prompts"] = read_prompts_file(args.prompts)
+    return EvalSettings(**kw)
+
+
+def cmd_generate(args) -> int:
+    from workbench.io.video import save_video
+
+    from workbench.world.grammar import parse_prompt
+
+    parse_prompt(args.prompt)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists; choose another --out or pass --force to overwrite it")
+    model = _model(args.model)
+    video = model.generate(args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, progress=True)
+    save_video(video, out, overwrite=args.force)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_eval_fp(args) -> int:
+    from workbench.eval.prompt_set import evaluate_fp
+
+    model = _model(args.model)
+    metrics, _ = evaluate_fp(model, _settings(args), progress=not args.json)
+    metrics = {"model": args.model, "seed": args.seed, "steps": args.steps, "guidance": args.guidance, **metrics}
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        for k, v in metrics.items():
+            print(f"{k:>28}: {v}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from workbench.cli.demo import run_demo
+
+    recipes = tuple(r for r in args.recipes.split(",") if r.strip())
+    path = run_demo(Path(args.out), model_name=args.model, settings=_settings(args), force=args.force, recipes=recipes)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from workbench.cli.demo import run_report
+
+    path = run_report(args.dirs, args.out, settings=_settings(args), force=args.force)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from workbench.cli.jobs import recipe_rows
+
+    rows = recipe_rows()
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['method']}: weights {r['weight']}, activations {r['act']}")
+        print(f"{'':<{width}}  stages: {' -> '.join(r['stages'])}")
+    print("run one: workbench quantize --recipe NAME --out DIR (or --recipe path/to/recipe.yaml)")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from workbench.cli.jobs import quantize_recipe
+
+    out = quantize_recipe(args.recipe, args.out, force=args.force, seed=args.seed, progress=True)
+    print(f"wrote {out} (evaluate it: workbench eval {out} --json)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from workbench.cli.jobs import EVAL_KEYS, evaluate_directory
+
+    metrics = evaluate_directory(args.dir, _settings(args), progress=not args.json)
+    if args.json:
+        print(json.dumps(metrics, allow_nan=False))
+    else:
+        for k in EVAL_KEYS:
+            fp = metrics.get(f"fp_{k}")
+            print(f"{k:>22}: {metrics.get(k)}" + ("" if fp is None else f"   (FP {fp})"))
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from workbench.cli.jobs import analyze_recipe
+
+    path = analyze_recipe(args.recipe, args.out, force=args.force, seed=args.seed, prompts=args.prompts,
+                          steps=args.steps, progress=True)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from workbench.io.rundir import load_quantized
+    from workbench.io.packed import load_packed
+    from workbench.stages.export import export_model
+
+    _, qtransformer, manifest = load_quantized(args.dir)
+    out = export_model(qtransformer, args.out, manifest.get("recipe"), force=args.force)
+    load_packed(out, backend="reference")  # the export must reload (sizes, hashes, shapes) before we say done
+    sizes = json.loads((out / "manifest.json").read_text())["sizes"]
+    print(json.dumps({"packed": str(out), **{k: v for k, v in sizes.items() if isinstance(v, (int, float))}}))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from workbench.bench.page import BenchSettings, run_bench
+
+    s = BenchSettings(out=args.out, quick=args.quick, micro_budget_s=args.micro_budget, e2e_budget_s=args.e2e_budget,
+                      models=args.models, e2e_variants=args.variants, skip_micro=args.skip_micro,
+                      skip_e2e=args.skip_e2e, dry_run_cpu=args.dry_run_cpu, force=args.force, append=args.append)
+    result = run_bench(s)
+    for t in result["targets"]:
+        print(f"[{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['measured']}")
+    print(f"wrote {s.out}")
+    return 0
+
+
+def _add_sampling(p: argparse.ArgumentParser, prompts: bool = True) -> None:
+    p.add_argument("--model", default="tiny-world", help="bundled model name (default tiny-world)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first video; video i uses seed+i")
+    p.add_argument("--steps", type=int, default=16, help="sampling steps")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    if prompts:
+        p.add_argument("--prompts", default=None, help="file with one prompt a line (default: the held-out set)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="workbench", description="Quantize video diffusion transformers and measure what it costs.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate one clip (.mp4 or .gif) from a prompt")
+    p.add_argument("--prompt", required=True, help="e.g. 'a red circle moving left'")
+    p.add_argument("--out", required=True, help="output file, .mp4 or .gif")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    _add_sampling(p, prompts=False)
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("eval-fp", help="generate a prompt set with the full-precision model and measure it")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_sampling(p)
+    p.set_defaults(fn=cmd_eval_fp)
+
+    p = sub.add_parser("demo", help="the main job on the bundled model, written as an HTML report")
+    p.add_argument("--out", default="out/demo", help="output directory")
+    p.add_argument("--force", action="store_true", help="overwrite an existing report in --out")
+    p.add_argument("--recipes", default="vidit-q-w8a8", help="comma-separated recipes to run beside FP ('' for FP only)")
+    _add_sampling(p)
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("report", help="one HTML page comparing saved quantized models (from `workbench quantize`) with FP")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="directories written by `workbench quantize --out DIR`")
+    p.add_argument("--out", default="report.html", help="the HTML file to write (metrics.json lands beside it)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    _add_sampling(p)
+    p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("recipes", help="list the shipped quantization recipes")
+    p.add_argument("--json", action="store_true", help="print one JSON list")
+    p.set_defaults(fn=cmd_recipes)
+
+    p = sub.add_parser("quantize", help="run a recipe on the bundled model and save the quantized model")
+    p.add_argument("--recipe", required=True, help="recipe name (see `workbench recipes`) or a recipe YAML file")
+    p.add_argument("--out", required=True, help="output directory (must be empty unless --force)")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    p.add_argument("--seed", type=int, default=0, help="seed of calibration and analysis")
+    p.set_defaults(fn=cmd_quantize)
+
+    p = sub.add_parser("eval", help="measure a quantized model (from `workbench quantize`) against full precision")
+    p.add_argument("dir", help="directory written by `workbench quantize`")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first video; video i uses seed+i (FP uses the same)")
+    p.add_argument("--steps", type=int, default=16, help="sampling steps")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--prompts", default=None, help="file with one prompt a line (default: the held-out set)")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("analyze", help="error-source analysis under a recipe's quant config, as an HTML report")
+    p.add_argument("--recipe", required=True, help="recipe name (see `workbench recipes`) or a recipe YAML file")
+    p.add_argument("--out", required=True, help="output directory for analysis.html (must be empty unless --force)")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    p.add_argument("--seed", type=int, default=0, help="seed of calibration and the sensitivity videos")
+    p.add_argument("--prompts", type=int, default=2, help="generated prompts of the sensitivity analysis")
+    p.add_argument("--steps", type=int, default=8, help="sampling steps of the sensitivity videos")
+    p.set_defaults(fn=cmd_analyze)
+
+    p = sub.add_parser("export", help="pack a quantized model (from `workbench quantize`) into low-bit safetensors")
+    p.add_argument("dir", help="directory written by `workbench quantize`")
+    p.add_argument("--out", required=True, help="directory for the packed model (must be empty unless --force)")
+    p.add_argument("--force", action="store_true", help="replace a previous export in --out")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("bench", help="GPU benchmark: kernels and end-to-end forwards vs bf16 and torchao")
+    p.add_argument("--out", default="docs/benchmarks.md", help="markdown page to write (a .json lands beside it)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--append", action="store_true",
+                   help="extend an existing --out measured on the same GPU (new rows replace same-named ones)")
+    p.add_argument("--quick", action="store_true", help="fewer kernel variants")
+    p.add_argument("--micro-budget", type=float, default=225.0, help="seconds for the kernel microbenchmarks")
+    p.add_argument("--e2e-budget", type=float, default=None, help="seconds per end-to-end model")
+    p.add_argument("--models", default=None, help="end-to-end cases to run (substrings: CogVideoX, Wan)")
+    p.add_argument("--variants", default=None, help="end-to-end variants to run (exact names, comma-separated)")
+    p.add_argument("--skip-micro", action="store_true")
+    p.add_argument("--skip-e2e", action="store_true")
+    p.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes on the CPU reference path")
+    p.set_defaults(fn=cmd_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (PromptError, ValueError, FileExistsError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

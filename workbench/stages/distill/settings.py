@@ -1,0 +1,77 @@
+"""`DistillSettings`: how the shared distillation loop trains (the method stages extend them)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+MODES = ("block", "e2e")
+INPUTS = ("quant", "fp")
+TRAINABLE = ("scales", "extras", "weights")
+SCHEDULES = ("cosine", "constant")
+
+
+class DistillDivergedError(FloatingPointError):
+    """The distillation loss became NaN or infinite (the message names the block and the iteration)."""
+
+
+@dataclass
+class DistillSettings:
+    """How to train (the method stages extend these settings with their own components).
+
+    mode: "block" (block-wise reconstruction) or "e2e" (the transformer's final output).
+    iters: optimizer steps per block ("block") or in total ("e2e").
+    batch_size: calibration rows per step. rows: rows used (evenly spaced; None: all).
+    lr / scale_lr / weight_lr: AdamW learning rates of the extras, the weight scales and the weights
+        (None: lr / 10 for scales, lr / 100 for weights). weight_decay applies to the extras only.
+    schedule: "cosine" (decay to 0) or "constant". grad_clip: max gradient norm (None: no clipping).
+    inputs: "quant" (block inputs from the quantized model's previous blocks) or "fp".
+    train: what is trained: any of "scales", "extras", "weights".
+    blocks: names of the blocks to train (None: all; the others are only propagated).
+    seed: seed of the batch sampling and of the terms' randomness.
+    eval_rows: fixed rows on which each block's error is measured before and after training.
+    checkpoint_dir / checkpoint_every / resume: see the module docstring (0: only when a block ends).
+    """
+
+    mode: str = "block"
+    iters: int = 100
+    batch_size: int = 4
+    rows: int | None = None
+    lr: float = 1e-3
+    scale_lr: float | None = None
+    weight_lr: float | None = None
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    grad_clip: float | None = 1.0
+    inputs: str = "quant"
+    train: list[str] = field(default_factory=lambda: ["scales", "extras"])
+    blocks: list[str] | None = None
+    seed: int = 0
+    eval_rows: int = 8
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 50
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose one of {list(MODES)}")
+        if self.inputs not in INPUTS:
+            raise ValueError(f"unknown inputs {self.inputs!r}; choose one of {list(INPUTS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {list(SCHEDULES)}")
+        unknown = [t for t in self.train if t not in TRAINABLE]
+        if unknown:
+            raise ValueError(f"unknown trainable {unknown[0]!r} in train; choose from {list(TRAINABLE)}")
+        if self.iters < 0 or self.batch_size < 1 or self.eval_rows < 0 or self.checkpoint_every < 0:
+            raise ValueError("iters, eval_rows and checkpoint_every must be >= 0 and batch_size >= 1")
+        if self.rows is not None and self.rows < 1:
+            raise ValueError(f"rows must be >= 1 or None, got {self.rows}")
+        for name in ("lr", "scale_lr", "weight_lr"):
+            v = getattr(self, name)
+            if v is not None and not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"{name} must be a positive number, got {v}")
+
+    def distill_settings(self) -> DistillSettings:
+        """The plain DistillSettings part of (a subclass of) these settings."""
+        names = [f.name for f in DistillSettings.__dataclass_fields__.values()]
+        return DistillSettings(**{n: getattr(self, n) for n in names})
