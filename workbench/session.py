@@ -60,10 +60,7 @@ class Session:
 
         The FP model is left untouched; `qtransformer` is a deep copy of its transformer in eval mode.
         """
-        from workbench.models.loading import LoadedModel
-
-        if isinstance(model, LoadedModel):
-            model = model.bundle if model.bundle is not None else model.transformer
+        model = cls.unwrap(model)
         transformer = getattr(model, "transformer", model)
         if not isinstance(transformer, nn.Module):
             raise TypeError(
@@ -74,6 +71,15 @@ class Session:
         for p in q.parameters():
             p.requires_grad_(False)
         return cls(fp_model=model, qtransformer=q, seed=int(seed), progress=progress)
+
+    @staticmethod
+    def unwrap(model: Any) -> Any:
+        """The model a session holds for `model`: a LoadedModel's bundle (or bare transformer), else itself."""
+        from workbench.models.loading import LoadedModel
+
+        if isinstance(model, LoadedModel):
+            return model.bundle if model.bundle is not None else model.transformer
+        return model
 
     # ---- what the model is ---------------------------------------------------------------------------
 

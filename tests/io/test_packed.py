@@ -23,6 +23,7 @@ from workbench.io.packed import (
 )
 from workbench.quant import QuantConfig, QuantFormat, QuantSpec, at_timestep, calibrate_model, quantize_model
 from workbench.io.export import export_model
+from workbench.io.manifest import write_manifest
 from workbench.kernels import Backend, W4A8Linear, W8A8Linear
 from workbench.quant.compensation import LoRABranch
 
@@ -249,7 +250,7 @@ def test_truncated_file_is_caught(small_export, tmp_path):
     d = _copy(small_export, tmp_path / "x")
     f = d / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-100])
-    with pytest.raises(PackedModelError, match="model.safetensors is corrupt or was modified.*truncated"):
+    with pytest.raises(PackedModelError, match=r"model.safetensors is truncated or corrupt \(\d+ bytes, manifest.json says \d+\).*re-export"):
         load_packed(d, model=mlp())
     # without the manifest check the safetensors reader itself refuses, with the same advice
     with pytest.raises(PackedModelError, match="corrupt or was modified.*re-export"):
@@ -261,11 +262,21 @@ def test_manifest_problems(small_export, tmp_path):
     path = d / "manifest.json"
     original = json.loads(path.read_text())
 
-    def write(change):
+    def write(change, digest=True):
+        """An edited manifest; with `digest` its digest is recomputed (a crafted file, not a careless edit)."""
         m = copy.deepcopy(original)
         change(m)
-        path.write_text(json.dumps(m))
+        if digest:
+            write_manifest(path, m)
+        else:
+            path.write_text(json.dumps(m))
 
+    write(lambda m: m["layers"]["0"]["weight"].__setitem__("format", "int2"), digest=False)
+    with pytest.raises(PackedModelError, match=r"was modified after it was written \(changed: layers\).*re-export"):
+        load_packed(d, model=mlp())
+    write(lambda m: m.__setitem__("version", 1), digest=False)
+    with pytest.raises(PackedModelError, match="version 1 .*workbench export RUN_DIR --out .* --force"):
+        load_packed(d, model=mlp())
     write(lambda m: m["layers"]["0"].__setitem__("shape", [96, 32]))
     with pytest.raises(PackedModelError, match=r"layer 0: the manifest gives shape \[96, 32\].*has \[96, 64\]"):
         load_packed(d, model=mlp())
@@ -280,6 +291,10 @@ def test_manifest_problems(small_export, tmp_path):
         load_packed(d, model=mlp())
     write(lambda m: m["files"].append({"name": "gone.safetensors", "bytes": 1, "sha256": "0"}))
     with pytest.raises(PackedModelError, match="gone.safetensors .* missing"):
+        load_packed(d, model=mlp())
+    write(lambda m: None)
+    write(lambda m: m["files"].append({"name": "../outside.bin", "bytes": 1, "sha256": "0"}))
+    with pytest.raises(PackedModelError, match="outside its directory"):
         load_packed(d, model=mlp())
     write(lambda m: None)
     with pytest.raises(PackedModelError, match="not a diffusers model.*model="):

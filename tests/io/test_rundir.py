@@ -39,7 +39,7 @@ def saved(tmp_path_factory):
 def test_round_trip_gives_identical_videos(saved):
     s, out = saved
     model, qt, manifest = load_quantized(out)
-    assert manifest["model"]["source"] == "saved" and manifest["format_version"] == 1
+    assert manifest["model"]["source"] == "saved" and manifest["format_version"] == 2
     a = s.fp_model.generate_many(PROMPTS[:1], [7], steps=1, transformer=s.qtransformer)
     b = model.generate_many(PROMPTS[:1], [7], steps=1, transformer=qt)
     assert torch.equal(a, b)
@@ -60,13 +60,25 @@ def test_manifest_lists_hashes_and_recipe(saved):
     assert {"created", "recipe", "model", "quant_config", "layers", "versions"} <= set(m)
 
 
-def test_non_empty_directory_needs_force(saved, tmp_path):
+def test_force_replaces_only_an_earlier_run(saved, tmp_path):
+    """A directory of the user's is never written into; an earlier run is replaced only with force, and only
+    the files its manifest lists: what the user added beside them stays."""
     s, _ = saved
-    (tmp_path / "other.txt").write_text("x")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x")
+    for force in (False, True):
+        with pytest.raises(ValueError, match="holds no earlier output of this command"):
+            save_quantized(s, mine, force=force)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    run = tmp_path / "run"
+    save_quantized(s, run)
+    (run / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="--force"):
-        save_quantized(s, tmp_path)
-    save_quantized(s, tmp_path, force=True)
-    assert (tmp_path / "other.txt").exists() and read_manifest(tmp_path)
+        save_quantized(s, run)
+    save_quantized(s, run, force=True)
+    assert (run / "notes.txt").read_text() == "mine" and read_manifest(run)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".workbench-staging")]
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -31,14 +32,11 @@ def _settings(args):
 
 
 def cmd_generate(args) -> int:
-    from workbench.io.video import save_video
-
+    from workbench.io.video import check_video_path, save_video
     from workbench.world.grammar import parse_prompt
 
     parse_prompt(args.prompt)
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise FileExistsError(f"{out} exists; choose another --out or pass --force to overwrite it")
+    out = check_video_path(args.out, overwrite=args.force)  # before the work, not after it
     model = _model(args.model)
     video = model.generate(args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, progress=True)
     save_video(video, out, overwrite=args.force)
@@ -94,8 +92,15 @@ def cmd_recipes(args) -> int:
 
 def cmd_quantize(args) -> int:
     from workbench.cli.jobs import quantize_recipe
+    from workbench.stages.interrupt import graceful_sigint
 
-    out = quantize_recipe(args.recipe, args.out, force=args.force, seed=args.seed, progress=True)
+    def first_ctrl_c() -> None:
+        print("\nstopping at the next checkpoint (a few seconds); press Ctrl-C again to stop at once and lose the "
+              "progress since the last one", file=sys.stderr, flush=True)
+
+    with graceful_sigint(first_ctrl_c):
+        out = quantize_recipe(args.recipe, args.out, force=args.force, seed=args.seed, progress=True,
+                              restart=args.restart)
     print(f"wrote {out} (evaluate it: workbench eval {out} --json)")
     return 0
 
@@ -123,12 +128,14 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from workbench.io.export import export_model
+    from workbench.io.outdir import check_output
+    from workbench.io.packed import FORMAT_NAME, load_packed
     from workbench.io.rundir import load_quantized
-    from workbench.io.packed import load_packed
-    from workbench.stages.export import export_model
 
+    check_output(args.out, FORMAT_NAME, force=args.force, sources=[args.dir])  # before loading anything
     _, qtransformer, manifest = load_quantized(args.dir)
-    out = export_model(qtransformer, args.out, manifest.get("recipe"), force=args.force)
+    out = export_model(qtransformer, args.out, manifest.get("recipe"), force=args.force, sources=(args.dir,))
     load_packed(out, backend="reference")  # the export must reload (sizes, hashes, shapes) before we say done
     sizes = json.loads((out / "manifest.json").read_text())["sizes"]
     print(json.dumps({"packed": str(out), **{k: v for k, v in sizes.items() if isinstance(v, (int, float))}}))
@@ -148,10 +155,32 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def seed_arg(text: str) -> int:
+    """argparse type of seeds: an integer >= 0 (the app refuses negative seeds too)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seed must be an integer >= 0, got {text[:40]!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"seed must be an integer >= 0, got {value}")
+    return value
+
+
+def steps_arg(text: str) -> int:
+    """argparse type of sampling steps: an integer in 1..1000."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"steps must be an integer in 1..1000, got {text[:40]!r}") from None
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"steps must be an integer in 1..1000, got {value}")
+    return value
+
+
 def _add_sampling(p: argparse.ArgumentParser, prompts: bool = True) -> None:
     p.add_argument("--model", default="tiny-world", help="bundled model name (default tiny-world)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first video; video i uses seed+i")
-    p.add_argument("--steps", type=int, default=16, help="sampling steps")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the first video; video i uses seed+i")
+    p.add_argument("--steps", type=steps_arg, default=16, help="sampling steps")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
     if prompts:
         p.add_argument("--prompts", default=None, help="file with one prompt a line (default: the held-out set)")
@@ -194,15 +223,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="run a recipe on the bundled model and save the quantized model")
     p.add_argument("--recipe", required=True, help="recipe name (see `workbench recipes`) or a recipe YAML file")
     p.add_argument("--out", required=True, help="output directory (must be empty unless --force)")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
-    p.add_argument("--seed", type=int, default=0, help="seed of calibration and analysis")
+    p.add_argument("--force", action="store_true",
+                   help="replace an earlier `workbench quantize` output in --out (only the files it wrote)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of calibration and analysis")
+    p.add_argument("--restart", action="store_true",
+                   help="discard an unfinished run's checkpoints in --out and start over (default: resume it)")
     p.set_defaults(fn=cmd_quantize)
 
     p = sub.add_parser("eval", help="measure a quantized model (from `workbench quantize`) against full precision")
     p.add_argument("dir", help="directory written by `workbench quantize`")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first video; video i uses seed+i (FP uses the same)")
-    p.add_argument("--steps", type=int, default=16, help="sampling steps")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the first video; video i uses seed+i (FP uses the same)")
+    p.add_argument("--steps", type=steps_arg, default=16, help="sampling steps")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--prompts", default=None, help="file with one prompt a line (default: the held-out set)")
     p.set_defaults(fn=cmd_eval)
@@ -211,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", required=True, help="recipe name (see `workbench recipes`) or a recipe YAML file")
     p.add_argument("--out", required=True, help="output directory for analysis.html (must be empty unless --force)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
-    p.add_argument("--seed", type=int, default=0, help="seed of calibration and the sensitivity videos")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of calibration and the sensitivity videos")
     p.add_argument("--prompts", type=int, default=2, help="generated prompts of the sensitivity analysis")
     p.add_argument("--steps", type=int, default=8, help="sampling steps of the sensitivity videos")
     p.set_defaults(fn=cmd_analyze)
@@ -219,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="pack a quantized model (from `workbench quantize`) into low-bit safetensors")
     p.add_argument("dir", help="directory written by `workbench quantize`")
     p.add_argument("--out", required=True, help="directory for the packed model (must be empty unless --force)")
-    p.add_argument("--force", action="store_true", help="replace a previous export in --out")
+    p.add_argument("--force", action="store_true", help="replace an earlier export in --out (only the files it wrote)")
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("bench", help="GPU benchmark: kernels and end-to-end forwards vs bf16 and torchao")
@@ -240,10 +272,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a user error prints `error: ...` (no traceback) and returns 2, an interrupted
+    resumable run prints how to resume and returns 130."""
+    from workbench.stages.interrupt import Interrupted
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (PromptError, ValueError, FileExistsError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
+    except Interrupted as e:
+        print(f"\ninterrupted at {e.where}; progress is saved in {getattr(args, 'out', '')}/checkpoints. "
+              f"Resume with the same command:\n  workbench {shlex.join(argv)}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (PromptError, ValueError, FileExistsError, FileNotFoundError, FloatingPointError, RuntimeError,
+            PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from workbench.eval.prompt_set import EvalSettings
 
+ANALYSIS_FORMAT = "workbench-analysis"
 EVAL_KEYS = ("oracle_accuracy", "psnr_vs_fp", "ssim_vs_fp", "temporal_consistency", "frechet_distance")
 
 
@@ -40,16 +41,6 @@ def recipe_rows() -> list[dict[str, Any]]:
     return rows
 
 
-def check_out_dir(out: str | Path, force: bool) -> Path:
-    """`out` as a Path; a non-empty existing directory (or a file) is refused unless force."""
-    p = Path(out)
-    if p.exists() and not p.is_dir():
-        raise FileExistsError(f"{p} exists and is not a directory; choose another --out")
-    if p.is_dir() and any(p.iterdir()) and not force:
-        raise FileExistsError(f"{p} is not empty; choose an empty or new --out directory, or pass --force to overwrite it")
-    return p
-
-
 def _bundled(model: str = "tiny-world"):
     from workbench.models import load_bundled
     from workbench.models.bundled import BUNDLED
@@ -60,16 +51,35 @@ def _bundled(model: str = "tiny-world"):
 
 
 def quantize_recipe(recipe: str, out: str | Path, force: bool = False, seed: int = 0, progress: bool = False,
-                    model: str = "tiny-world") -> Path:
+                    model: str = "tiny-world", restart: bool = False, checkpoints: bool = True) -> Path:
     """Run `recipe` (a shipped name or a YAML path) on the bundled model and save it to `out`
-    (quantized state, stage reports, manifest: `workbench.io.rundir.save_quantized`)."""
-    from workbench.io.rundir import save_quantized
+    (quantized state, stage reports, manifest: `workbench.io.rundir.save_quantized`).
+
+    The output location is checked before any work. With `checkpoints` (the default) the run is resumable:
+    its progress goes to `out/checkpoints/` (a snapshot after every stage, distillation checkpoints inside
+    the loops); the same call again resumes there (`restart=True` starts over); the folder is removed once
+    the run is saved."""
+    from workbench.io.outdir import check_output
+    from workbench.io.rundir import CHECKPOINTS, FORMAT_NAME, save_quantized
     from workbench.recipes import load_recipe, run_recipe
 
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}")
     r = load_recipe(recipe)  # a bad recipe fails before anything runs
-    out = check_out_dir(out, force)
-    session = run_recipe(_bundled(model), r, progress=progress, seed=seed)
-    return save_quantized(session, out, force=force)
+    out = check_output(out, FORMAT_NAME, force=force, own=(CHECKPOINTS,))
+    ckpt = out / CHECKPOINTS if checkpoints else None
+    session = run_recipe(_bundled(model), r, progress=progress, seed=seed, checkpoint_dir=ckpt, restart=restart)
+    path = save_quantized(session, out, force=force)
+    if ckpt is not None:
+        discard_checkpoints(ckpt)
+    return path
+
+
+def discard_checkpoints(directory: Path) -> None:
+    """Remove a finished run's checkpoint folder (only the files a resumable run writes)."""
+    from workbench.recipes import ResumableRun
+
+    ResumableRun.discard_dir(Path(directory))
 
 
 def _finite(v: Any) -> Any:
@@ -115,20 +125,22 @@ def analyze_recipe(recipe: str, out: str | Path, force: bool = False, seed: int 
     Calibration uses the recipe's `collect_calibration` settings when it has them; the analysis runs all
     four parts (activations, weights, layer errors, metric-decoupled sensitivity on `prompts` generated
     training-scene videos of `steps` steps)."""
+    from workbench.io.manifest import file_entries, write_manifest
+    from workbench.io.outdir import check_output, staged_output
     from workbench.recipes import load_recipe
-    from workbench.viz.html import ReportContent, write_report
     from workbench.session import Session
     from workbench.stages import AnalysisSettings, CalibrationSettings, analyze_error_sources, collect_calibration
+    from workbench.viz.html import ReportContent, write_report
 
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}")
     r = load_recipe(recipe)
-    out = check_out_dir(out, force)
+    out = check_output(out, ANALYSIS_FORMAT, force=force)
     session = Session.start(_bundled(model), seed=seed, progress=progress)
     session.recipe = {"name": r.name, "recipe": r.to_dict()}
     cal = dict(next((s for name, s in r.stages if name == "collect_calibration"), {}))
     collect_calibration(session, CalibrationSettings(**cal))
     report = analyze_error_sources(session, AnalysisSettings(quant=r.quant, prompts=prompts, steps=steps))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "reports.json").write_text(json.dumps([x.to_dict() for x in session.reports], indent=1, allow_nan=False))
     table = [{"quantity": k, "value": v} for k, v in report.summary.items()]
     content = ReportContent(
         title=f"Error sources: {session.model_name} under {r.name}",
@@ -139,7 +151,12 @@ def analyze_recipe(recipe: str, out: str | Path, force: bool = False, seed: int 
                *report.notes,
                f"Seed {seed}; sensitivity measured on {prompts} generated training-scene prompts x {steps} steps."],
     )
-    return write_report(content, out / "analysis.html", overwrite=True)
+    with staged_output(out, ANALYSIS_FORMAT) as tmp:
+        (tmp / "reports.json").write_text(json.dumps([x.to_dict() for x in session.reports], indent=1, allow_nan=False))
+        write_report(content, tmp / "analysis.html")
+        write_manifest(tmp / "manifest.json", {"format": ANALYSIS_FORMAT, "recipe": r.name, "seed": seed,
+                                               "files": file_entries(tmp, ["reports.json", "analysis.html"])})
+    return out / "analysis.html"
 
 
-__all__ = ["EVAL_KEYS", "analyze_recipe", "check_out_dir", "evaluate_directory", "quantize_recipe", "recipe_rows"]
+__all__ = ["EVAL_KEYS", "analyze_recipe", "discard_checkpoints", "evaluate_directory", "quantize_recipe", "recipe_rows"]

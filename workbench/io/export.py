@@ -16,8 +16,6 @@ byte size, and the packed weight bytes against the FP32 / BF16 bytes of the same
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from functools import partial
 from pathlib import Path
@@ -26,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from workbench.io.manifest import file_sha256
+from workbench.io.manifest import file_sha256, write_manifest
+from workbench.io.outdir import check_output, staged_output
 from workbench.io.packed import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, kernel_for, pack_codes
 from workbench.quant import QuantLinear, quantized_linears
 from workbench.quant.attention import QuantAttention
@@ -44,11 +43,14 @@ def export_model(
     recipe: dict[str, Any] | None = None,
     force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    sources: tuple = (),
 ) -> Path:
     """Write `qtransformer` (quantized with `workbench.quant`) to `out_dir`; returns the directory.
 
     recipe: plain data stored in the manifest (e.g. the recipe the model was quantized with).
-    force: write into a non-empty directory, replacing a previous export's files there.
+    force: replace an earlier export in `out_dir` (only the files its manifest lists; anything else stays).
+    sources: directories the caller reads (e.g. the run directory being exported): `out_dir` may not be one of
+        them or inside one. The files are staged and moved into place at the end (`workbench.io.outdir`).
     Raises ValueError naming the layer when something cannot be stored exactly (a timestep-wise
     weight range, an uncalibrated static activation quantizer, an extra without `export_init`).
     """
@@ -80,23 +82,22 @@ def export_model(
                     )
             attention[name.removesuffix(".quant_attention")] = {"spec": m.spec.to_dict()}
 
-    _prepare_dir(out, force)
-    files = _write_shards(out, tensors, max_shard_bytes)
-    manifest = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "recipe": plain(recipe.to_dict() if hasattr(recipe, "to_dict") else recipe),
-        "model": model_info(qtransformer),
-        "timestep_hook": timestep_hook(qtransformer),
-        "sizes": sizes(qtransformer, entries, files),
-        "layers": entries,
-        "attention": attention,
-        "files": files,
-    }
-    tmp = out / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out / MANIFEST_NAME)  # last: a directory without a manifest is no export
+    out = check_output(out, FORMAT_NAME, force=force, sources=sources)
+    with staged_output(out, FORMAT_NAME) as tmp:
+        files = _write_shards(tmp, tensors, max_shard_bytes)
+        manifest = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "recipe": plain(recipe.to_dict() if hasattr(recipe, "to_dict") else recipe),
+            "model": model_info(qtransformer),
+            "timestep_hook": timestep_hook(qtransformer),
+            "sizes": sizes(qtransformer, entries, files),
+            "layers": entries,
+            "attention": attention,
+            "files": files,
+        }
+        write_manifest(tmp / MANIFEST_NAME, manifest)  # last, with its digest
     return out
 
 
@@ -269,20 +270,6 @@ def sizes(model: nn.Module, entries: dict[str, dict[str, Any]], files: list[dict
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
-
-
-def _prepare_dir(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} is a file, not a directory: choose another out_dir")
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise FileExistsError(
-                f"{out} is not empty: choose an empty directory, or pass force=True (--force on the command "
-                "line) to overwrite the export there"
-            )
-        for path in [out / MANIFEST_NAME, *out.glob("*.safetensors")]:
-            path.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def _write_shards(out: Path, tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, Any]]:

@@ -49,12 +49,14 @@ def digest_of(manifest: dict[str, Any]) -> dict[str, Any]:
             "fields": {k: hashlib.sha256(canonical(v)).hexdigest()[:16] for k, v in sorted(body.items())}}
 
 
-def check_digest(manifest: dict[str, Any], where: Path) -> None:
+REDO = "re-create the directory with the command that wrote it"
+
+
+def check_digest(manifest: dict[str, Any], where: Path, fix: str = REDO) -> None:
     """Raise ManifestError naming the changed field(s) when the manifest does not match its digest."""
     saved = manifest.get("digest")
     if not isinstance(saved, dict) or not isinstance(saved.get("fields"), dict):
-        raise ManifestError(f"{where} has no digest: it was not written by this workbench or was modified; "
-                            "re-create the directory with the command that wrote it")
+        raise ManifestError(f"{where} has no digest: it was not written by this workbench or was modified; {fix}")
     now = digest_of(manifest)
     if now["sha256"] == saved.get("sha256"):
         return
@@ -62,49 +64,49 @@ def check_digest(manifest: dict[str, Any], where: Path) -> None:
                      if now["fields"].get(k) != saved["fields"].get(k))
     raise ManifestError(
         f"{where} was modified after it was written (changed: {', '.join(changed) or 'the digest itself'}); "
-        "the directory cannot be trusted: re-create it with the command that wrote it")
+        f"the directory cannot be trusted: {fix}")
 
 
-def safe_name(name: Any, where: Path) -> PurePosixPath:
+def safe_name(name: Any, where: Path, fix: str = REDO) -> PurePosixPath:
     """A listed file name as a relative POSIX path inside the directory, or ManifestError (checked as text)."""
     if not isinstance(name, str) or not name or len(name) > 255 or "\\" in name or "\x00" in name:
-        raise ManifestError(f"{where} lists an invalid file name {str(name)[:80]!r}: re-create the directory")
+        raise ManifestError(f"{where} lists an invalid file name {str(name)[:80]!r}: {fix}")
     p = PurePosixPath(name)
     if p.is_absolute() or any(part in ("..", ".", "") for part in p.parts) or name.startswith("~"):
         raise ManifestError(f"{where} lists {name[:80]!r}, which is outside its directory: a manifest may only "
-                            "list files inside the directory it describes; the directory was modified")
+                            f"list files inside the directory it describes; the directory was modified: {fix}")
     return p
 
 
-def inside(directory: Path, rel: PurePosixPath) -> Path:
+def inside(directory: Path, rel: PurePosixPath, fix: str = REDO) -> Path:
     """The real path of `rel` under `directory`; ManifestError when a link leads out of the directory."""
     root = directory.resolve()
     path = (root / Path(*rel.parts)).resolve()
     if path != root and root not in path.parents:
-        raise ManifestError(f"{directory}: {rel} leads outside the directory (a link); the directory was modified")
+        raise ManifestError(f"{directory}: {rel} leads outside the directory (a link); the directory was modified: {fix}")
     return path
 
 
-def verify_files(directory: Path, files: dict[str, dict[str, Any]], manifest_name: str) -> None:
+def verify_files(directory: Path, files: dict[str, dict[str, Any]], manifest_name: str, fix: str = REDO) -> None:
     """Every listed file exists inside `directory` with its recorded byte size and sha256."""
     where = directory / manifest_name
     if not isinstance(files, dict):
-        raise ManifestError(f"{where}: 'files' must map file names to {{bytes, sha256}}: re-create the directory")
+        raise ManifestError(f"{where}: 'files' must map file names to {{bytes, sha256}}: {fix}")
     for name, meta in files.items():
-        rel = safe_name(name, where)
+        rel = safe_name(name, where, fix)
         if not isinstance(meta, dict):
-            raise ManifestError(f"{where}: entry {name!r} must be {{bytes, sha256}}: re-create the directory")
+            raise ManifestError(f"{where}: entry {name!r} must be {{bytes, sha256}}: {fix}")
         if not (directory / Path(*rel.parts)).is_file():
             raise ManifestError(f"{directory / name} is missing (listed in {manifest_name}): the directory is "
-                                "incomplete; re-create it")
-        path = inside(directory, rel)
+                                f"incomplete: {fix}")
+        path = inside(directory, rel, fix)
         size = path.stat().st_size
         if size != meta.get("bytes"):
-            raise ManifestError(f"{directory / name} is truncated or was modified ({size} bytes, {manifest_name} "
-                                f"says {meta.get('bytes')}); re-create the directory")
+            raise ManifestError(f"{directory / name} is truncated or corrupt ({size} bytes, {manifest_name} "
+                                f"says {meta.get('bytes')}): {fix}")
         if file_sha256(path) != meta.get("sha256"):
-            raise ManifestError(f"{directory / name} is corrupt or was modified: its sha256 does not match "
-                                f"{manifest_name}; re-create the directory")
+            raise ManifestError(f"{directory / name} is corrupt or was modified (its sha256 does not match "
+                                f"{manifest_name}): {fix}")
 
 
 def file_entries(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]:

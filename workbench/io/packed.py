@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workbench.io.manifest import file_sha256
+from workbench.io.manifest import ManifestError, check_digest, read_json_manifest, safe_name
+from workbench.io.manifest import verify_files as check_files
 from workbench.kernels import Backend, FP8Linear, W4A8Linear, W8A8Linear, reference as kref
 from workbench.quant import QuantFormat, QuantLinear, QuantSpec, attention_from_dict, install_timestep_hook, spec_from_dict
 from workbench.quant.compensation import UnknownClassError, build_compensation
@@ -48,7 +49,8 @@ from workbench.quant.formats import code_dtype, dequantize, qrange
 from workbench.quant.quantizer import Quantizer
 
 FORMAT_NAME = "workbench-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+REEXPORT = "re-export it (workbench export RUN_DIR --out DIR)"
 MANIFEST_NAME = "manifest.json"
 KERNEL_GROUP_SIZES = (256, 128, 64, 32)  # group sizes the W4A8 Triton kernel runs, largest first
 
@@ -381,46 +383,57 @@ def _corrupt(name: str, why: str) -> PackedModelError:
     return PackedModelError(f"file {name} is corrupt or was modified ({why}): re-export")
 
 
-def read_manifest(directory: str | Path) -> dict[str, Any]:
-    """The validated manifest of an export directory (format, version and required fields checked)."""
+def read_manifest(directory: str | Path, verify: bool = False) -> dict[str, Any]:
+    """The validated manifest of an export directory: format, version, digest (an edit anywhere is an error
+    naming the field), required fields and file names inside the directory; `verify` also checks every
+    listed file's size and sha256."""
     d = Path(directory)
     path = d / MANIFEST_NAME
     if not path.is_file():
         what = "does not exist" if not d.exists() else f"has no {MANIFEST_NAME}"
         raise PackedModelError(f"{d} {what}: not a {FORMAT_NAME} export (write one with export_model)")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _corrupt(MANIFEST_NAME, f"not valid JSON: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise PackedModelError(f"{path} has format {got!r}, not {FORMAT_NAME!r}: not a workbench export")
+        manifest = read_json_manifest(path)
+    except ManifestError as e:
+        raise PackedModelError(f"{e}: {REEXPORT}") from None
+    if manifest.get("format") != FORMAT_NAME:
+        raise PackedModelError(f"{path} has format {manifest.get('format')!r}, not {FORMAT_NAME!r}: not a workbench export")
     version = manifest.get("version")
     if not isinstance(version, int) or version < 1:
         raise PackedModelError(f"{path} has an unknown version {version!r}: re-export with this workbench")
     if version > FORMAT_VERSION:
         raise PackedModelError(
             f"{path} is {FORMAT_NAME} version {version}, but this workbench reads up to version "
-            f"{FORMAT_VERSION}: upgrade workbench or re-export with this one"
-        )
+            f"{FORMAT_VERSION}: upgrade workbench or re-export with this one")
+    if version < FORMAT_VERSION:
+        raise PackedModelError(
+            f"{path} is {FORMAT_NAME} version {version} (workbench 0.1: no digest, extras named by import path); "
+            f"this workbench reads version {FORMAT_VERSION}: re-export it with `workbench export RUN_DIR --out {d} --force`")
+    try:
+        check_digest(manifest, path, REEXPORT)
+    except ManifestError as e:
+        raise PackedModelError(str(e)) from None
     for key in ("model", "layers", "files"):
         if key not in manifest:
             raise PackedModelError(f"{path} lacks {key!r}: the export is incomplete or was modified: re-export")
+    if not isinstance(manifest["files"], list) or not all(isinstance(f, dict) for f in manifest["files"]):
+        raise PackedModelError(f"{path}: 'files' must be a list of {{name, bytes, sha256}}: re-export")
+    try:
+        for f in manifest["files"]:
+            safe_name(f.get("name"), path, REEXPORT)
+    except ManifestError as e:
+        raise PackedModelError(str(e)) from None
+    if verify:
+        verify_files(d, manifest)
     return manifest
 
 
 def verify_files(directory: str | Path, manifest: dict[str, Any]) -> None:
-    """Every file the manifest lists exists with its recorded byte size and sha256."""
-    d = Path(directory)
-    for f in manifest["files"]:
-        path = d / f["name"]
-        if not path.is_file():
-            raise PackedModelError(f"file {f['name']} listed in {MANIFEST_NAME} is missing from {d}: re-export")
-        size = path.stat().st_size
-        if size != f["bytes"]:
-            raise _corrupt(f["name"], f"{size} bytes, expected {f['bytes']}; truncated?")
-        if file_sha256(path) != f["sha256"]:
-            raise _corrupt(f["name"], "sha256 mismatch")
+    """Every file the manifest lists is inside the directory with its recorded byte size and sha256."""
+    try:
+        check_files(Path(directory), {f["name"]: f for f in manifest["files"]}, MANIFEST_NAME, REEXPORT)
+    except ManifestError as e:
+        raise PackedModelError(str(e)) from None
 
 
 def read_tensors(directory: str | Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -468,13 +481,15 @@ def build_model(manifest: dict[str, Any], model: nn.Module | None = None) -> nn.
             f"a config: pass model=<a {info.get('class')} with the exported architecture> to load_packed"
         )
     import diffusers
-    from diffusers.configuration_utils import ConfigMixin
 
-    cls = getattr(diffusers, str(info["class"]), None)
-    if not (isinstance(cls, type) and issubclass(cls, ConfigMixin) and issubclass(cls, nn.Module)):
+    from workbench.models.adapters import SUPPORTED_CLASSES
+
+    cls = getattr(diffusers, str(info["class"]), None) if info.get("class") in SUPPORTED_CLASSES else None
+    if cls is None:
         raise PackedModelError(
-            f"unknown diffusers model class {info['class']!r} (diffusers {diffusers.__version__}); the export "
-            f"was written with diffusers {info.get('diffusers_version')}: install that version"
+            f"the export holds a {str(info.get('class'))[:80]!r}, not one of the transformer classes this workbench "
+            f"rebuilds ({', '.join(SUPPORTED_CLASSES)}; diffusers {diffusers.__version__}, the export was written "
+            f"with {info.get('diffusers_version')}): re-export, or pass model=<the transformer> to load_packed"
         )
     try:
         return cls.from_config(info["config"])

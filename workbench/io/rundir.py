@@ -4,7 +4,7 @@
     save_quantized(session, "out/vidit-q-w4a8")          # refuses a non-empty directory unless force=True
     model, qtransformer, manifest = load_quantized("out/vidit-q-w4a8")
 
-Directory layout (format version 1):
+Directory layout (format "workbench-run", version 2):
 
 * `quantized_transformer.safetensors`: the whole state of the quantized transformer: every weight
   (full-precision values; quantization happens in the forward pass), biases, quantizer scales and
@@ -12,15 +12,16 @@ Directory layout (format version 1):
 * `reports.json`: the stage reports (`StageReport.to_dict()`), in order;
 * `model/` (only for a text-to-video model that is not a bundled one): its text encoder, scheduler and
   world settings, so generation works after loading;
-* `manifest.json` (written last): format version, recipe (name + full dict), model (name, source,
+* `manifest.json` (written last): format and version, recipe (name + full dict), model (name, source,
   transformer class and config), creation date, versions, the final QuantConfig (including
-  mixed-precision rules), per-layer formats, and the size and sha256 of every other file.
+  mixed-precision rules), per-layer formats, the extras (by stable class name), the size and sha256 of
+  every other file, and a digest over all of it (`workbench.io.manifest`).
 
-Loading rebuilds the FP transformer from the saved class, config and weights, re-applies the saved
-QuantConfig with `quantize_model`, restores smoothing / rotation, re-creates the output corrections
-(`extras`: LoRA / TQE / binary residual branches, by class and constructor arguments) and loads the
-state strictly. Any
-missing, truncated, corrupt or mismatched file is an error naming the file.
+Loading checks the digest and every file first, rebuilds the FP transformer from the saved class (one of
+the supported diffusers classes), config and weights, re-applies the saved QuantConfig with
+`quantize_model`, re-creates the output corrections (`extras`: LoRA / TQE / binary residual branches, from
+the allow-list of `workbench.quant.compensation`), restores smoothing / rotation and loads the state
+strictly. Any missing, truncated, corrupt, edited or mismatched file is an `ArtifactError` naming the file.
 """
 
 from __future__ import annotations
@@ -34,19 +35,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from workbench.io.manifest import file_sha256
+from workbench.io.manifest import (ManifestError, check_digest, file_entries, read_json_manifest, verify_files,
+                                   write_manifest)
 from workbench.io.plain import plain
 
-FORMAT_VERSION = 1
+CHECKPOINTS = "checkpoints"  # an unfinished run's resumable state inside its output directory
+
+FORMAT_NAME = "workbench-run"
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 STATE_FILE = "quantized_transformer.safetensors"
 REPORTS_FILE = "reports.json"
 MODEL_DIR = "model"
 MODEL_FILES = ("text_encoder.safetensors", "text_encoder.json", "scheduler.json", "world.json")
+MAX_JSON_BYTES = 256 * 2**20  # reports.json of a large model stays far below this
 
 
 class ArtifactError(ValueError):
-    """A quantized-model directory that cannot be loaded; the message names the file."""
+    """A quantized-model directory that cannot be loaded; the message names the file and the fix."""
 
 
 def _transformer_info(transformer: nn.Module) -> dict[str, Any]:
@@ -58,72 +64,80 @@ def _transformer_info(transformer: nn.Module) -> dict[str, Any]:
     }
 
 
-def save_quantized(session, out_dir: str | Path, force: bool = False) -> Path:
+def _model_info(session) -> tuple[dict[str, Any], list[tuple[str, Any]]]:  # noqa: ANN001
+    """The manifest's `model` section and the extra model files to write (relative name, writer)."""
+    from workbench.models.bundled import BUNDLED
+
+    name = session.model_name
+    bundled = session.can_generate and name in BUNDLED
+    info = {
+        "name": name,
+        "kind": "text-to-video" if session.can_generate else "transformer",
+        "source": "bundled" if bundled else ("saved" if session.can_generate else "state"),
+        "transformer": _transformer_info(session.fp_transformer),
+    }
+    files: list[tuple[str, Any]] = []
+    if session.can_generate and not bundled:
+        from safetensors.torch import save_file
+
+        model = session.fp_model
+        te = {k: v.contiguous() for k, v in model.text_encoder.state_dict().items()}
+        files = [
+            (f"{MODEL_DIR}/text_encoder.safetensors", lambda p: save_file(te, str(p))),
+            (f"{MODEL_DIR}/text_encoder.json", lambda p: p.write_text(json.dumps(model.text_encoder.config_dict(), indent=2))),
+            (f"{MODEL_DIR}/scheduler.json", lambda p: p.write_text(json.dumps(plain(dict(model.scheduler_config)), indent=2))),
+            (f"{MODEL_DIR}/world.json", lambda p: p.write_text(json.dumps(model.world.__dict__, indent=2))),
+        ]
+    return info, files
+
+
+def save_quantized(session, out_dir: str | Path, force: bool = False, sources: tuple = ()) -> Path:
     """Write the session's quantized transformer, reports and manifest to `out_dir` (module docstring).
 
-    A non-empty `out_dir` is refused unless `force` (the CLI's --force); with force the files of a
-    previous save are replaced and other files are left alone.
+    `out_dir` must be new or empty; with `force` it may hold an earlier run directory, whose files (those its
+    manifest lists) are replaced while anything else there stays. The files are written to a staging
+    directory and moved in at the end, so an interrupted save leaves the old directory or none.
     """
     from safetensors.torch import save_file
 
-    from workbench.models.bundled import BUNDLED
+    from workbench.io.outdir import check_output, staged_output
     from workbench.stages.ptq import layer_formats
 
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory; choose another output directory")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out} is not empty; choose an empty directory or pass --force to overwrite it")
     if session.quant_config is None:
         raise ValueError("nothing to save: the session holds no quantized model (run apply_quantization or a recipe first)")
-    out.mkdir(parents=True, exist_ok=True)
-    manifest_path = out / MANIFEST
-    if manifest_path.exists():
-        manifest_path.unlink()  # a half-written directory never carries a stale manifest
-
+    out = check_output(out_dir, FORMAT_NAME, force=force, sources=sources, own=(CHECKPOINTS,))
     qt = session.qtransformer
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in qt.state_dict().items()}
-    save_file(state, str(out / STATE_FILE), metadata={"format_version": str(FORMAT_VERSION)})
-    reports = [r.to_dict() for r in session.reports]
-    (out / REPORTS_FILE).write_text(json.dumps(reports, indent=1, allow_nan=False))
-    files = [STATE_FILE, REPORTS_FILE]
+    model_info, model_files = _model_info(session)
+    with staged_output(out, FORMAT_NAME) as tmp:
+        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in qt.state_dict().items()}
+        save_file(state, str(tmp / STATE_FILE), metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
+        reports = [r.to_dict() for r in session.reports]
+        (tmp / REPORTS_FILE).write_text(json.dumps(reports, indent=1, allow_nan=False))
+        names = [STATE_FILE, REPORTS_FILE]
+        for rel, write in model_files:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            write(tmp / rel)
+            names.append(rel)
 
-    model = session.fp_model
-    name = session.model_name
-    bundled = session.can_generate and name in BUNDLED
-    if session.can_generate and not bundled:
-        from safetensors.torch import save_file as _save
+        import diffusers
 
-        d = out / MODEL_DIR
-        d.mkdir(exist_ok=True)
-        _save({k: v.contiguous() for k, v in model.text_encoder.state_dict().items()}, str(d / "text_encoder.safetensors"))
-        (d / "text_encoder.json").write_text(json.dumps(model.text_encoder.config_dict(), indent=2))
-        (d / "scheduler.json").write_text(json.dumps(plain(dict(model.scheduler_config)), indent=2))
-        (d / "world.json").write_text(json.dumps(model.world.__dict__, indent=2))
-        files += [f"{MODEL_DIR}/{f}" for f in MODEL_FILES]
+        import workbench
 
-    import diffusers
-
-    import workbench
-
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "recipe": session.recipe or {"name": None, "recipe": None},
-        "seed": session.seed,
-        "model": {
-            "name": name,
-            "kind": "text-to-video" if session.can_generate else "transformer",
-            "source": "bundled" if bundled else ("saved" if session.can_generate else "state"),
-            "transformer": _transformer_info(session.fp_transformer),
-        },
-        "quant_config": session.quant_config.to_dict(),
-        "layers": layer_formats(qt),
-        "extras": extras_manifest(qt),
-        "versions": {"workbench": workbench.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__},
-        "files": {f: {"sha256": file_sha256(out / f), "bytes": (out / f).stat().st_size} for f in files},
-    }
-    manifest_path.write_text(json.dumps(manifest, indent=1, allow_nan=False))
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "recipe": plain(session.recipe or {"name": None, "recipe": None}),
+            "seed": session.seed,
+            "model": model_info,
+            "quant_config": session.quant_config.to_dict(),
+            "layers": layer_formats(qt),
+            "extras": extras_manifest(qt),
+            "versions": {"workbench": workbench.__version__, "torch": torch.__version__,
+                         "diffusers": diffusers.__version__},
+            "files": file_entries(tmp, names),
+        }
+        write_manifest(tmp / MANIFEST, manifest)
     return out
 
 
@@ -132,37 +146,44 @@ def save_quantized(session, out_dir: str | Path, force: bool = False) -> Path:
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
-    """The validated manifest of a quantized-model directory (every listed file checked by sha256)."""
+    """The validated manifest of a run directory: format and version, digest (any edit is an error naming
+    the field), every listed file inside the directory with its size and sha256."""
     d = Path(directory)
     if not d.is_dir():
-        raise FileNotFoundError(f"{d} is not a directory; pass a directory written by save_quantized")
+        raise FileNotFoundError(f"{d} is not a directory; pass a directory written by `workbench quantize`")
     path = d / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {d} was not written by save_quantized (or the save did not finish)")
+        hint = (" It holds an unfinished run's checkpoints: rerun the same `workbench quantize` command to resume."
+                if (d / CHECKPOINTS).is_dir() else "")
+        raise FileNotFoundError(f"{path} is missing: {d} was not written by `workbench quantize` (or the run did "
+                                f"not finish).{hint}")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path} is corrupt or truncated (not valid JSON: {e})") from None
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{path} is corrupt: expected a JSON object")
+        manifest = read_json_manifest(path)
+    except ManifestError as e:
+        raise ArtifactError(str(e)) from None
     version = manifest.get("format_version")
+    if manifest.get("format") != FORMAT_NAME:
+        if version == 1 and "format" not in manifest:
+            raise ArtifactError(
+                f"{path} is a run directory of format version 1 (workbench 0.1), which had no digest and named "
+                "classes by import path; this workbench reads version 2 only. Re-create it: `workbench quantize "
+                f"--recipe {(manifest.get('recipe') or {}).get('name') or 'NAME'} --seed {manifest.get('seed', 0)} "
+                f"--out {d} --force`")
+        raise ArtifactError(f"{path} is not a workbench run directory (format {manifest.get('format')!r}); pass a "
+                            "directory written by `workbench quantize`")
     if version != FORMAT_VERSION:
-        raise ArtifactError(f"{path} has format_version {version!r}; this workbench reads version {FORMAT_VERSION}")
-    for key in ("model", "quant_config", "files", "recipe"):
-        if key not in manifest:
-            raise ArtifactError(f"{path} is corrupt: field {key!r} is missing")
-    if STATE_FILE not in manifest["files"]:
-        raise ArtifactError(f"{path} does not list {STATE_FILE}")
-    for name, meta in manifest["files"].items():
-        f = d / name
-        if not f.is_file():
-            raise ArtifactError(f"{f} is missing (listed in {MANIFEST})")
-        size = f.stat().st_size
-        if size != meta.get("bytes"):
-            raise ArtifactError(f"{f} is truncated or corrupt: {size} bytes, the manifest says {meta.get('bytes')}")
-        digest = file_sha256(f)
-        if digest != meta.get("sha256"):
-            raise ArtifactError(f"{f} is corrupt or was modified: its sha256 does not match {MANIFEST}")
+        raise ArtifactError(f"{path} has format_version {version!r}; this workbench reads version {FORMAT_VERSION}: "
+                            "upgrade the workbench, or re-create the directory with this one")
+    try:
+        check_digest(manifest, path)
+        for key in ("model", "quant_config", "files", "recipe"):
+            if key not in manifest:
+                raise ArtifactError(f"{path} is corrupt: field {key!r} is missing")
+        if not isinstance(manifest["files"], dict) or STATE_FILE not in manifest["files"]:
+            raise ArtifactError(f"{path} does not list {STATE_FILE}")
+        verify_files(d, manifest["files"], MANIFEST)
+    except ManifestError as e:
+        raise ArtifactError(str(e)) from None
     return manifest
 
 
@@ -170,14 +191,22 @@ def _fp_transformer(info: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.
     """The FP transformer rebuilt from its class, config and the FP weights held in the saved state."""
     import diffusers
 
-    cls = getattr(diffusers, info["class"], None)
-    if cls is None or info.get("config") is None:
-        raise ArtifactError(f"cannot rebuild transformer class {info['class']!r} (not a diffusers class with a config)")
+    from workbench.models.adapters import SUPPORTED_CLASSES
+
+    if not isinstance(info, dict) or info.get("class") not in SUPPORTED_CLASSES or not isinstance(info.get("config"), dict):
+        shown = str(info.get("class") if isinstance(info, dict) else info)[:80]
+        raise ArtifactError(f"{MANIFEST}: the transformer class {shown!r} is not one this workbench rebuilds "
+                            f"({', '.join(SUPPORTED_CLASSES)}); the directory was not written by this workbench")
+    cls = getattr(diffusers, info["class"])
     config = {k: v for k, v in info["config"].items() if not k.startswith("_")}
     for k, v in config.items():
         if isinstance(v, list):
             config[k] = tuple(v)
-    transformer = cls.from_config(config)
+    try:
+        transformer = cls.from_config(config)
+    except Exception as e:  # noqa: BLE001 - a config this diffusers cannot build: named, with the fix
+        raise ArtifactError(f"{MANIFEST}: cannot build {info['class']} from the stored config ({type(e).__name__}: "
+                            f"{e}); install the diffusers version that wrote it") from None
     own = transformer.state_dict()
     missing = [k for k in own if k not in state]
     if missing:
@@ -224,13 +253,58 @@ def rebuild_extras(model: nn.Module, extras: dict[str, dict[str, dict[str, Any]]
     come only from the allow-list of `workbench.quant.compensation`, nothing named in the file is imported."""
     from workbench.quant.compensation import UnknownClassError, build_compensation
 
+    from workbench.quant import QuantLinear
+
+    if not isinstance(extras, dict):
+        raise ArtifactError(f"{MANIFEST}: 'extras' must map layers to their extras")
     for layer, entries in extras.items():
-        module = model.get_submodule(layer)
+        try:
+            module = model.get_submodule(layer)
+        except AttributeError:
+            module = None
+        if not isinstance(module, QuantLinear) or not isinstance(entries, dict):
+            raise ArtifactError(f"{MANIFEST}: extras are listed for {str(layer)[:80]!r}, which is no quantized layer "
+                                "of the rebuilt model; the manifest was modified")
         for key, spec in entries.items():
             try:
                 module.extras[key] = build_compensation(layer, key, spec)
             except UnknownClassError as e:
                 raise ArtifactError(f"{MANIFEST}: {e}") from None
+
+
+def rebuild_quantized(fp: nn.Module, config, extras: dict[str, Any], state: dict[str, torch.Tensor],  # noqa: ANN001
+                      where: str = STATE_FILE) -> nn.Module:
+    """A quantized copy of `fp` rebuilt from its QuantConfig, extras and saved state: quantize, re-create the
+    extras, restore the layers' smoothing / rotation (which also re-derives their weight ranges), then load the
+    whole state strictly. Any mismatch is an ArtifactError naming `where`."""
+    from workbench.quant import QuantLinear, quantize_model
+
+    qt = copy.deepcopy(fp)
+    for p in qt.parameters():
+        p.requires_grad_(False)
+    quantize_model(qt, config)
+    rebuild_extras(qt, extras)
+    for key, value in state.items():
+        for attr, setter in (("smooth", "set_smooth"), ("rotation", "set_rotation")):
+            if not key.endswith("." + attr):
+                continue
+            try:
+                module = qt.get_submodule(key[: -len(attr) - 1])
+            except AttributeError:
+                module = None
+            if isinstance(module, QuantLinear):
+                getattr(module, setter)(value)
+            elif module is None or not any(isinstance(m, QuantLinear) and module in m.extras.values()
+                                           for m in qt.modules()):
+                raise ArtifactError(f"{where}: {key} belongs to no quantized layer of the rebuilt model (the file "
+                                    "and the manifest do not match)")
+    result = qt.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        what = result.missing_keys[:1] or result.unexpected_keys[:1]
+        raise ArtifactError(
+            f"{where} does not match the model rebuilt from {MANIFEST} (e.g. {what[0]!r}: "
+            f"{len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected keys)")
+    return qt.eval()
 
 
 def load_quantized(directory: str | Path) -> tuple[Any, nn.Module, dict[str, Any]]:
@@ -242,7 +316,7 @@ def load_quantized(directory: str | Path) -> tuple[Any, nn.Module, dict[str, Any
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from workbench.quant import QuantConfig, QuantLinear, quantize_model
+    from workbench.quant import QuantConfig
 
     d = Path(directory)
     manifest = read_manifest(d)
@@ -255,26 +329,7 @@ def load_quantized(directory: str | Path) -> tuple[Any, nn.Module, dict[str, Any
         config = QuantConfig.from_dict(manifest["quant_config"])
     except (ValueError, TypeError) as e:
         raise ArtifactError(f"{d / MANIFEST}: invalid quant_config: {e}") from None
-    qt = copy.deepcopy(fp)
-    for p in qt.parameters():
-        p.requires_grad_(False)
-    quantize_model(qt, config)
-    for key, value in state.items():
-        for attr, setter in (("smooth", "set_smooth"), ("rotation", "set_rotation")):
-            if key.endswith("." + attr):
-                module = qt.get_submodule(key[: -len(attr) - 1])
-                if not isinstance(module, QuantLinear):
-                    raise ArtifactError(f"{STATE_FILE}: {key} belongs to no quantized linear of the rebuilt model")
-                getattr(module, setter)(value)
-    rebuild_extras(qt, manifest.get("extras") or {})
-    result = qt.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        what = result.missing_keys[:1] or result.unexpected_keys[:1]
-        raise ArtifactError(
-            f"{d / STATE_FILE} does not match the model rebuilt from {MANIFEST} (e.g. {what[0]!r}: "
-            f"{len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected keys)"
-        )
-    qt.eval()
+    qt = rebuild_quantized(fp, config, manifest.get("extras") or {}, state, where=str(d / STATE_FILE))
     model = _text_to_video(manifest, d, fp) if manifest["model"]["kind"] == "text-to-video" else fp
     return model, qt, manifest
 
@@ -284,8 +339,12 @@ def load_reports(directory: str | Path) -> list:
     from workbench.stages.report import StageReport
 
     d = Path(directory)
-    read_manifest(d)
-    return [StageReport.from_dict(r) for r in json.loads((d / REPORTS_FILE).read_text())]
+    read_manifest(d)  # the reports file is listed there, so its hash was checked
+    try:
+        return [StageReport.from_dict(r) for r in json.loads((d / REPORTS_FILE).read_text(encoding="utf-8"))]
+    except (ValueError, TypeError, KeyError) as e:
+        raise ArtifactError(f"{d / REPORTS_FILE} holds no stage reports this workbench reads ({e})") from None
 
 
-__all__ = ["ArtifactError", "FORMAT_VERSION", "load_quantized", "load_reports", "read_manifest", "save_quantized"]
+__all__ = ["ArtifactError", "CHECKPOINTS", "FORMAT_NAME", "FORMAT_VERSION", "load_quantized", "load_reports",
+           "read_manifest", "rebuild_quantized", "save_quantized"]

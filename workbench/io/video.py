@@ -20,15 +20,30 @@ def to_frames(video: torch.Tensor, scale: int = 4) -> np.ndarray:
     return frames
 
 
+VIDEO_SUFFIXES = (".mp4", ".webm", ".gif")
+
+
+def check_video_path(path: str | Path, overwrite: bool = False) -> Path:
+    """`path` as a Path if a clip can be written there (known extension, no file to overwrite unless asked,
+    a writable folder); called before generating, so a bad --out costs nothing."""
+    from workbench.io.outdir import check_writable
+
+    p = Path(path)
+    if p.suffix.lower() not in VIDEO_SUFFIXES:
+        raise ValueError(f"unsupported video extension {p.suffix!r} for {p}; use .mp4, .webm or .gif")
+    if p.is_dir():
+        raise ValueError(f"{p} is a directory; give a file name ending in .mp4, .webm or .gif")
+    if p.exists() and not overwrite:
+        raise FileExistsError(f"{p} exists; choose another path or pass overwrite (CLI: --force)")
+    check_writable(p.parent if str(p.parent) else Path("."))
+    return p
+
+
 def save_video(video: torch.Tensor, path: str | Path, fps: int = 4, scale: int = 4, overwrite: bool = False) -> Path:
     """Write a clip to .mp4, .webm (VP9, plays in any browser) or .gif; refuses to overwrite an existing file unless asked."""
     import imageio.v2 as imageio
 
-    p = Path(path)
-    if p.suffix.lower() not in (".mp4", ".gif", ".webm"):
-        raise ValueError(f"unsupported video extension {p.suffix!r} for {p}; use .mp4, .webm or .gif")
-    if p.exists() and not overwrite:
-        raise FileExistsError(f"{p} exists; choose another path or pass overwrite (CLI: --force)")
+    p = check_video_path(path, overwrite)
     p.parent.mkdir(parents=True, exist_ok=True)
     frames = to_frames(video, scale)
     if p.suffix.lower() == ".gif":

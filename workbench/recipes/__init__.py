@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -237,24 +237,125 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
     )
 
 
-def run_recipe(model: Any, recipe: str | Path | Recipe, progress: bool = False, seed: int = 0):
+def run_recipe(model: Any, recipe: str | Path | Recipe, progress: bool = False, seed: int = 0,
+               checkpoint_dir: str | Path | None = None, restart: bool = False):
     """Run every stage of `recipe` on `model` in a new Session and return the session.
 
     `model`: a TinyWorldModel (or anything `Session.start` takes). Stages read the recipe's quant section
     from `session.recipe` (apply_quantization quantizes with it unless its settings carry their own).
+
+    checkpoint_dir: make the run resumable. After every stage the session is snapshotted there
+    (`workbench.io.snapshot`), and distillation stages checkpoint inside their loops; running the same
+    recipe with the same seed, model and code again resumes from the last checkpoint and ends with the same
+    result as an uninterrupted run. A checkpoint of another run there is an error (pass `restart=True` to
+    discard it). Ctrl-C under `workbench.stages.interrupt.graceful_sigint` stops at the next checkpoint.
     """
     from tqdm.auto import tqdm
 
     from workbench.session import Session
-    from workbench.stages import STAGES
+    from workbench.stages import STAGES, interrupt
 
     recipe = load_recipe(recipe)
-    session = Session.start(model, seed=seed, progress=progress)
-    session.recipe = {"name": recipe.name, "recipe": recipe.to_dict()}
-    for stage, settings in tqdm(recipe.stages, desc=f"recipe {recipe.name}", disable=not progress):
-        info = STAGES[stage]
+    plan = [(name, STAGES[name], dict(settings)) for name, settings in recipe.stages]
+    run = None if checkpoint_dir is None else ResumableRun(Path(checkpoint_dir), recipe, model, seed, restart)
+    restored = None if run is None else run.restore(model, progress)
+    if restored is not None:
+        session, done = restored
+    else:
+        session, done = Session.start(model, seed=seed, progress=progress), 0
+        session.recipe = {"name": recipe.name, "recipe": recipe.to_dict()}
+    for i, (name, info, settings) in enumerate(tqdm(plan, desc=f"recipe {recipe.name}", disable=not progress)):
+        if i < done:
+            continue
+        if run is not None and "checkpoint_dir" in {f.name for f in dataclasses.fields(info.settings)} \
+                and settings.get("checkpoint_dir") is None:
+            settings["checkpoint_dir"] = str(run.stage_dir(i, name))
         info.fn(session, info.settings(**settings))
+        if run is not None:
+            run.snapshot(session, i)
+            interrupt.check(where=f"after stage {i + 1}/{len(plan)} ({name})")
     return session
 
 
-__all__ = ["Recipe", "RecipeError", "list_recipes", "load_recipe", "recipe_from_dict", "run_recipe"]
+@dataclasses.dataclass
+class ResumableRun:
+    """The checkpoint folder of one resumable recipe run: `run.json` (what run it is), the latest session
+    snapshot, and one folder per distillation stage for its loop checkpoints."""
+
+    directory: Path
+    recipe: Recipe
+    model: Any
+    seed: int
+    restart: bool = False
+    RUN_FILE: ClassVar[str] = "run.json"
+
+    def __post_init__(self) -> None:
+        import json
+
+        from workbench.io.checkpoint import code_fingerprint, fingerprint, module_fingerprint
+        from workbench.session import Session
+
+        transformer = getattr(Session.unwrap(self.model), "transformer", Session.unwrap(self.model))
+        self.key = {"recipe": self.recipe.to_dict(), "seed": self.seed, "model": module_fingerprint(transformer),
+                    "code": code_fingerprint()}
+        self.fp = fingerprint(self.key)
+        path = self.directory / self.RUN_FILE
+        if path.is_file() and self.restart:
+            self.discard()
+        if path.is_file():
+            try:
+                saved = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                saved = {}
+            if saved.get("fingerprint") != self.fp:
+                what = [k for k in self.key if (saved.get("key") or {}).get(k) != self.key[k]]
+                raise RecipeError(
+                    f"{self.directory} holds an unfinished run of another command (different "
+                    f"{', '.join(what) or 'run'}: recipe {(saved.get('key') or {}).get('recipe', {}).get('name')!r}, "
+                    f"seed {(saved.get('key') or {}).get('seed')}); rerun that command to resume it, or pass "
+                    "--restart to discard it and start this one")
+        else:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"fingerprint": self.fp, "key": self.key}, indent=1))
+
+    @property
+    def snapshot_path(self) -> Path:
+        return self.directory / "session"  # session.json + session.safetensors
+
+    def stage_dir(self, index: int, name: str) -> Path:
+        return self.directory / f"stage{index + 1:02d}-{name}"
+
+    def snapshot(self, session, index: int) -> None:  # noqa: ANN001
+        from workbench.io.snapshot import save_snapshot
+
+        save_snapshot(session, self.snapshot_path, self.fp, index + 1)
+
+    def restore(self, model: Any, progress: bool):  # noqa: ANN201
+        from workbench.io.snapshot import restore_snapshot
+
+        return restore_snapshot(model, self.snapshot_path, self.fp, progress)
+
+    def discard(self) -> None:
+        """Delete what this folder holds of a resumable run (its own files only), then the folder if empty."""
+        self.discard_dir(self.directory)
+
+    @classmethod
+    def discard_dir(cls, directory: Path) -> None:
+        """Delete the files a resumable run writes in `directory` (snapshot, stage folders of checkpoints,
+        run.json), then `directory` itself when nothing else is left in it."""
+        from workbench.io.checkpoint import remove_checkpoint
+
+        remove_checkpoint(directory / "session")
+        for d in directory.glob("stage[0-9][0-9]-*"):
+            if d.is_dir():
+                for f in d.iterdir():
+                    if f.is_file() and f.suffix in (".json", ".safetensors", ".tmp"):
+                        f.unlink()
+                if not any(d.iterdir()):
+                    d.rmdir()
+        (directory / cls.RUN_FILE).unlink(missing_ok=True)
+        if directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
+
+
+__all__ = ["Recipe", "RecipeError", "ResumableRun", "list_recipes", "load_recipe", "recipe_from_dict", "run_recipe"]

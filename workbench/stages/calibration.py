@@ -161,6 +161,21 @@ class CalibrationCache:
             outs.append(out.detach().float().cpu())
         return outs
 
+    def to_tree(self) -> dict[str, Any]:
+        """The cache as nested plain data and tensors (what `workbench.io.checkpoint.pack` stores)."""
+        return {"entries": [{"step": e.step, "timestep": e.timestep, "args": e.args, "kwargs": e.kwargs,
+                             "batch": e.batch} for e in self.entries],
+                "prompts": list(self.prompts), "seeds": list(self.seeds), "steps": self.steps,
+                "guidance": self.guidance, "layer_inputs": dict(self.layer_inputs)}
+
+    @classmethod
+    def from_tree(cls, tree: dict[str, Any]) -> CalibrationCache:
+        """Inverse of `to_tree`."""
+        entries = [CalibrationEntry(int(e["step"]), float(e["timestep"]), tuple(e["args"]), dict(e["kwargs"]),
+                                    int(e["batch"])) for e in tree["entries"]]
+        return cls(entries, list(tree["prompts"]), [int(x) for x in tree["seeds"]], int(tree["steps"]),
+                   float(tree["guidance"]), dict(tree["layer_inputs"]))
+
     def runner(self, transformer: nn.Module, entries: list[CalibrationEntry] | None = None) -> Callable[[], None]:
         """A no-argument function replaying the cache through `transformer` (for `calibrate_model`)."""
         return lambda: self.replay(transformer, entries)

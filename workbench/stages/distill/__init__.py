@@ -1,12 +1,12 @@
 """Distillation shared by the Q-VDiT, S2Q-VDiT and MPQ-DMv2 recipes, one file per kind of code:
 
 settings (`DistillSettings`), rows (calibration calls as training rows), losses (relative MSE, extra terms),
-trainable (what is trained), checkpoint (safetensors + JSON, resumable), loop (`run_distillation`, phases)
+trainable (what is trained), loop (`run_distillation`, phases; checkpoints through `workbench.io.checkpoint`)
 and stage (the plain `distill` stage and report helpers). The modules a trained model carries (TQE, LoRA,
 binary residual, weight deltas) live in `workbench.quant.compensation`.
 """
 
-from workbench.stages.distill.checkpoint import CheckpointError
+from workbench.io.checkpoint import CheckpointError
 from workbench.stages.distill.loop import DistillResult, UnitResult, run_distillation
 from workbench.stages.distill.losses import Term, TermContext, frame_similarity, relation_kl, weighted_rel_mse
 from workbench.stages.distill.settings import DistillDivergedError, DistillSettings

@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from workbench.quant import QuantLinear
 from workbench.session import Session
-from workbench.stages.distill.checkpoint import fingerprint, load_checkpoint, save_checkpoint
+from workbench.io.checkpoint import fingerprint, load_checkpoint, save_checkpoint
+from workbench.stages import interrupt
 from workbench.stages.distill.losses import Term, TermContext, weighted_rel_mse
 from workbench.stages.distill.rows import (Rows, bind_call, first_block_calls, has_timestep_wise, hidden_leaf,
                                            propagate, run_unit, sample_rows, select_rows, to_cpu, unit_error)
@@ -300,6 +301,8 @@ def train_unit(loop: LoopState, job: UnitJob) -> None:
                 loop.save(job.index, it + 1, opt)
             if loop.on_step is not None:
                 loop.on_step(job.name, it + 1, float(total.detach()))
+            if it + 1 < s.iters:  # a Ctrl-C asked for a stop: save this position, then stop (resumable)
+                interrupt.check(lambda it=it: loop.save(job.index, it + 1, opt), f"{job.name}, iteration {it + 1}/{s.iters}")
     except DistillDivergedError:
         with torch.no_grad():
             for p, v in zip(params, snapshot):

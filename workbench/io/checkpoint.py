@@ -1,4 +1,5 @@
-"""Distillation checkpoints as safetensors + JSON: nothing in them is ever executed when read.
+"""Checkpoints as safetensors + JSON (distillation state, session snapshots): nothing in them is ever executed
+when read.
 
 A checkpoint is two files next to each other: `<name>.json` (the fingerprint of the run, the position,
 every plain value, and the names of the tensors) and `<name>.safetensors` (the tensors). Reading checks
@@ -20,7 +21,7 @@ import torch
 from workbench.io.manifest import file_sha256
 
 TENSOR = "__tensor__"
-FORMAT = "workbench-distill-checkpoint"
+FORMAT = "workbench-checkpoint"
 VERSION = 1
 
 
@@ -32,6 +33,29 @@ def fingerprint(blob: dict[str, Any]) -> str:
     """A short hash of plain data (what must match for a checkpoint to be resumed)."""
     text = json.dumps(blob, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def code_fingerprint() -> str:
+    """A short hash of the workbench's own code and recipes (the .py and .yaml files of the package), so
+    results and checkpoints made by other code are never taken for this code's."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """A short hash of a module's class, parameter names, shapes, dtypes and a sample of every tensor's values
+    (cheap for a 14B model, different for a different checkpoint)."""
+    h = hashlib.sha256(type(module).__name__.encode())
+    for name, t in module.state_dict().items():
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // 64)
+        h.update(flat[::step][:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _split(x: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
@@ -101,12 +125,12 @@ def load_checkpoint(path: Path, fp: str) -> dict[str, Any] | None:
         raise CheckpointError(f"checkpoint {js} cannot be read ({type(e).__name__}); delete it (and {st.name}) "
                               "or rerun with --restart to start over") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise CheckpointError(f"{js} is not a workbench distillation checkpoint of version {VERSION}; delete it "
+        raise CheckpointError(f"{js} is not a workbench checkpoint of version {VERSION}; delete it "
                               "or rerun with --restart to start over")
     if meta.get("fingerprint") != fp:
         raise CheckpointError(
-            f"checkpoint {js} was written by a run with other settings, calibration data or blocks; use another "
-            "checkpoint directory, rerun with --restart (resume=False) to start over, or delete the file")
+            f"checkpoint {js} was written by a run with other settings, data or code; use another checkpoint "
+            "directory, rerun with --restart (resume=False) to start over, or delete the file")
     if not st.is_file() or file_sha256(st) != meta.get("tensors_sha256"):
         raise CheckpointError(f"checkpoint tensors {st} are missing or do not belong to {js.name}; delete both "
                               "or rerun with --restart to start over")
@@ -125,4 +149,16 @@ def remove_checkpoint(path: Path) -> None:
             f.unlink()
 
 
-__all__ = ["CheckpointError", "fingerprint", "load_checkpoint", "remove_checkpoint", "save_checkpoint"]
+def pack(x: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(JSON-ready skeleton, tensors) of nested dicts / lists / tuples of tensors and plain values."""
+    tensors: dict[str, torch.Tensor] = {}
+    return _split(x, tensors, "x"), tensors
+
+
+def unpack(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of `pack`."""
+    return _join(skeleton, tensors)
+
+
+__all__ = ["CheckpointError", "code_fingerprint", "fingerprint", "module_fingerprint", "load_checkpoint", "pack", "remove_checkpoint", "save_checkpoint",
+           "unpack"]
