@@ -8,6 +8,7 @@ wait their turn, with their place shown); bad input gets a visible message. All 
 `workbench.eval.compare`; this file only lays out the page.
 
     python app.py [--host 127.0.0.1] [--port 7860] [--steps 16] [--budget quick|full]
+    GRADIO_SERVER_NAME=0.0.0.0 GRADIO_SERVER_PORT=8080 python app.py      # Gradio's variables work too
 """
 from __future__ import annotations
 
@@ -95,8 +96,11 @@ def build_app(model=None, out_dir: str | Path | None = None, steps: int = 16, bu
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
-    ap.add_argument("--port", type=int, default=int(os.environ.get("PORT", "7860")))
+    # Gradio's own variables set the defaults, as for any Gradio app (flags win over them)
+    ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                    help="address to serve on (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
+    ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+                    help="port (default: $GRADIO_SERVER_PORT or 7860)")
     ap.add_argument("--steps", type=int, default=16, help="default sampling steps")
     ap.add_argument("--budget", choices=["quick", "full"], default="quick",
                     help="default calibration budget (quick: a scaled-down prompt set; full: the recipe's own)")

@@ -38,13 +38,23 @@ class EvalSettings:
         return [self.seed + i for i in range(len(self.prompts))]
 
 
+MAX_PROMPTS_BYTES = 8 * 2**20
+
+
 def read_prompts_file(path: str | Path) -> tuple[str, ...]:
     """One prompt a line ('#' comments and blank lines skipped); a bad line is an error naming it."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"prompts file {p} does not exist; write one prompt a line, e.g. 'a red circle moving left'")
+    if p.stat().st_size > MAX_PROMPTS_BYTES:
+        raise ValueError(f"prompts file {p} is {p.stat().st_size} bytes, more than a prompt list needs "
+                         f"(at most {MAX_PROMPTS_BYTES // 2**20} MiB): write one prompt a line")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"prompts file {p} is not UTF-8 text (a binary file?): write one prompt a line") from None
     prompts = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         text = line.split("#", 1)[0].strip()
         if not text:
             continue

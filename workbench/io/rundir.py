@@ -9,6 +9,8 @@ Directory layout (format "workbench-run", version 2):
 * `quantized_transformer.safetensors`: the whole state of the quantized transformer: every weight
   (full-precision values; quantization happens in the forward pass), biases, quantizer scales and
   zero points (per channel / per timestep bucket), smoothing scales and rotation matrices;
+* `fp_weights.safetensors` (when a stage changed weights, e.g. Q-VDiT's folded estimate): the FP values of
+  those tensors, so the FP model is rebuilt exactly (evaluation compares against it);
 * `reports.json`: the stage reports (`StageReport.to_dict()`), in order;
 * `model/` (only for a text-to-video model that is not a bundled one): its text encoder, scheduler and
   world settings, so generation works after loading;
@@ -45,6 +47,7 @@ FORMAT_NAME = "workbench-run"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 STATE_FILE = "quantized_transformer.safetensors"
+FP_FILE = "fp_weights.safetensors"  # FP tensors the quantized state does not hold as they were (trained weights)
 REPORTS_FILE = "reports.json"
 MODEL_DIR = "model"
 MODEL_FILES = ("text_encoder.safetensors", "text_encoder.json", "scheduler.json", "world.json")
@@ -62,6 +65,13 @@ def _transformer_info(transformer: nn.Module) -> dict[str, Any]:
         "module": type(transformer).__module__,
         "config": plain(dict(config)) if config is not None else None,
     }
+
+
+def fp_differences(fp: nn.Module, qstate: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The FP transformer's tensors that the quantized state lacks or holds with other values (weights that
+    distillation trained or folded a correction into): with them the FP model is rebuilt exactly."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in fp.state_dict().items()
+            if k not in qstate or qstate[k].shape != v.shape or not torch.equal(qstate[k], v.detach().cpu())}
 
 
 def _model_info(session) -> tuple[dict[str, Any], list[tuple[str, Any]]]:  # noqa: ANN001
@@ -114,6 +124,10 @@ def save_quantized(session, out_dir: str | Path, force: bool = False, sources: t
         reports = [r.to_dict() for r in session.reports]
         (tmp / REPORTS_FILE).write_text(json.dumps(reports, indent=1, allow_nan=False))
         names = [STATE_FILE, REPORTS_FILE]
+        fp_only = fp_differences(session.fp_transformer, state)
+        if fp_only:
+            save_file(fp_only, str(tmp / FP_FILE), metadata={"format": FORMAT_NAME})
+            names.append(FP_FILE)
         for rel, write in model_files:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             write(tmp / rel)
@@ -324,7 +338,13 @@ def load_quantized(directory: str | Path) -> tuple[Any, nn.Module, dict[str, Any
         state = load_file(str(d / STATE_FILE))
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{d / STATE_FILE} is corrupt or truncated: {e}") from None
-    fp = _fp_transformer(manifest["model"]["transformer"], state)
+    fp_state = dict(state)
+    if FP_FILE in manifest["files"]:
+        try:
+            fp_state.update(load_file(str(d / FP_FILE)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ArtifactError(f"{d / FP_FILE} is corrupt or truncated: {e}") from None
+    fp = _fp_transformer(manifest["model"]["transformer"], fp_state)
     try:
         config = QuantConfig.from_dict(manifest["quant_config"])
     except (ValueError, TypeError) as e:

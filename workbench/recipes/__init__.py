@@ -73,6 +73,9 @@ def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
 
+MAX_RECIPE_BYTES = 1 << 20
+
+
 def load_recipe(name_or_path: str | Path | Recipe) -> Recipe:
     """A shipped recipe by name, or a recipe YAML file by path; strictly validated (module docstring)."""
     if isinstance(name_or_path, Recipe):
@@ -87,8 +90,15 @@ def load_recipe(name_or_path: str | Path | Recipe) -> Recipe:
         source = RECIPE_DIR / f"{text}.yaml"
         if not source.is_file():
             raise RecipeError(f"unknown recipe {text!r}; available recipes: {', '.join(list_recipes())}")
+    if source.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe file {source} is {source.stat().st_size} bytes, far larger than a recipe "
+                          f"(at most {MAX_RECIPE_BYTES // 1024} KiB): pass a recipe YAML file")
     try:
-        data = yaml.safe_load(source.read_text())
+        text_data = source.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe file {source} is not UTF-8 text (a binary file?): pass a recipe YAML file") from None
+    try:
+        data = yaml.safe_load(text_data)
     except yaml.YAMLError as e:
         raise RecipeError(f"recipe file {source} is not valid YAML: {e}") from None
     return recipe_from_dict(data, source=str(source))

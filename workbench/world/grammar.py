@@ -80,10 +80,21 @@ class Scene:
         return {"color": self.color, "shape": self.shape, "direction": self.direction, "speed": self.speed}
 
 
+MAX_PROMPT_CHARS = 200
+
+
+def shown(text: str, limit: int = 80) -> str:
+    """`text` cut to `limit` characters for an error message (a long input is never echoed whole)."""
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
 def parse_prompt(text: str) -> Scene:
     """Read a prompt into a Scene; any word outside the grammar raises PromptError listing the vocabulary."""
     if not isinstance(text, str) or not text.strip():
         raise PromptError(f"empty prompt; write e.g. 'a red circle moving left'. Vocabulary: {_vocab_text()}")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise PromptError(f"prompt of {len(text)} characters ({shown(text)!r}); a scene of the grammar takes a few "
+                          f"words (at most {MAX_PROMPT_CHARS} characters), e.g. 'a fast red circle moving left'")
     words = re.findall(r"[a-z]+", text.lower())
     found: dict[str, list[str]] = {"color": [], "shape": [], "direction": [], "speed": []}
     unknown = []
@@ -101,16 +112,16 @@ def parse_prompt(text: str) -> Scene:
             unknown.append(w)
     if unknown:
         raise PromptError(
-            f"prompt {text!r} has words outside the grammar: {', '.join(unknown)}. Vocabulary: {_vocab_text()}"
+            f"prompt {shown(text)!r} has words outside the grammar: {', '.join(unknown)}. Vocabulary: {_vocab_text()}"
         )
     for role in ("color", "shape", "direction"):
         if len(found[role]) != 1:
             what = "no" if not found[role] else "more than one"
             raise PromptError(
-                f"prompt {text!r} names {what} {role}; it needs exactly one of: {', '.join(vocabulary()[role])}"
+                f"prompt {shown(text)!r} names {what} {role}; it needs exactly one of: {', '.join(vocabulary()[role])}"
             )
     if len(found["speed"]) > 1:
-        raise PromptError(f"prompt {text!r} names more than one speed; use one of: {', '.join(SPEEDS)}")
+        raise PromptError(f"prompt {shown(text)!r} names more than one speed; use one of: {', '.join(SPEEDS)}")
     return Scene(found["color"][0], found["shape"][0], found["direction"][0], (found["speed"] or ["slow"])[0])
 
 
