@@ -2,8 +2,9 @@
 
 Each recipe runs in its own Session (`workbench.recipes.run_recipe`), then `evaluate_quantized` scores
 it on the held-out prompt set with the same seeds as the full-precision run. Results are cached per
-recipe in out/bench_quality/, keyed by the recipe's content, the evaluation settings, the seed and a
-hash of the bundled weights, so a rerun only computes what changed (and an interrupted run resumes);
+recipe in out/bench_quality/, keyed by the recipe's content, the evaluation settings, the seed, a hash
+of the bundled weights and a hash of the workbench code (`workbench.io.checkpoint.code_fingerprint`), so a
+rerun only computes what changed, a code change recomputes everything, and an interrupted run resumes;
 --fresh ignores the cache. Every recipe of `list_recipes()` runs unless --recipes names a subset.
 
 Our section of the markdown file sits between BEGIN/END markers; text outside them (e.g. the ablation
@@ -30,7 +31,10 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from safetensors.torch import load_file, save_file  # noqa: E402
+
 from workbench.eval.prompt_set import EvalSettings, evaluate_fp, evaluate_quantized  # noqa: E402
+from workbench.io.checkpoint import code_fingerprint  # noqa: E402
 from workbench.models import load_bundled  # noqa: E402
 from workbench.recipes import list_recipes, load_recipe, run_recipe  # noqa: E402
 from workbench.stages.ptq import weight_budget  # noqa: E402
@@ -69,8 +73,10 @@ def weights_hash(model) -> str:
 
 
 def key_of(recipe, settings: EvalSettings, seed: int, weights: str) -> str:
-    """Cache key of one recipe's result: recipe content, evaluation settings, seed and weights hash."""
-    blob = json.dumps({"recipe": recipe.to_dict(), "eval": settings.__dict__, "seed": seed, "weights": weights},
+    """Cache key of one recipe's result: recipe content, evaluation settings, seed, weights hash and the hash
+    of the workbench code that computes it (a code change recomputes every row)."""
+    blob = json.dumps({"recipe": recipe.to_dict(), "eval": settings.__dict__, "seed": seed, "weights": weights,
+                       "code": code_fingerprint()},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -141,7 +147,7 @@ def write_markdown(path: Path, fp: dict, rows: dict[str, dict], settings: EvalSe
         "",
         f"- date: {started} (total wall time {total_s / 60:.1f} min; {cached} of {len(rows)} recipe rows and "
         f"{'the' if fp.get('cached') else 'no'} FP row reused from the cache of earlier runs with the same recipe, "
-        "settings and weights)",
+        "settings, weights and code)",
         f"- machine: {machine()}",
         f"- model: {model}, weights hash {weights}",
         f"- evaluation: {len(settings.prompts)} held-out prompts (`heldout_scenes()`), seeds {settings.seed}.."
@@ -200,18 +206,18 @@ def row_file(cache: Path, recipe, settings: EvalSettings, seed: int, weights: st
 
 def load_fp(model, settings: EvalSettings, cache: Path, fresh: bool, weights: str) -> tuple[dict, torch.Tensor]:
     """FP metrics and videos for `settings`: from the cache (marked `cached`), else generated and cached."""
-    key = hashlib.sha256(json.dumps({"eval": settings.__dict__, "weights": weights}, sort_keys=True,
-                                    default=str).encode()).hexdigest()[:16]
-    f, fv = cache / f"fp-{key}.json", cache / f"fp-{key}.pt"
+    key = hashlib.sha256(json.dumps({"eval": settings.__dict__, "weights": weights, "code": code_fingerprint()},
+                                    sort_keys=True, default=str).encode()).hexdigest()[:16]
+    f, fv = cache / f"fp-{key}.json", cache / f"fp-{key}.safetensors"
     if f.exists() and fv.exists() and not fresh:
         log(f"FP: cached ({f.name})")
-        return {**json.loads(f.read_text()), "cached": True}, torch.load(fv)
+        return {**json.loads(f.read_text()), "cached": True}, load_file(str(fv))["videos"]
     log(f"FP: generating {len(settings.prompts)} videos ...")
     t = time.perf_counter()
     fp, videos = evaluate_fp(model, settings, progress=True)
     fp["eval_s"] = time.perf_counter() - t
     f.write_text(json.dumps(fp, indent=1))
-    torch.save(videos, fv)
+    save_file({"videos": videos.contiguous()}, str(fv))
     return fp, videos
 
 
