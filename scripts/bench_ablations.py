@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         settings = bench_quality.eval_settings(seed, args.steps, args.prompts)
         fp = bench_quality.load_fp(model, settings, cache, args.fresh, weights)
-        fps.append(fp[0])
+        fps.append(fp.metrics)
         for paper, (variant, _, change) in todo:
             recipe = variant_recipe(ABLATIONS[paper][0], variant, change)
             row = cached_or_run(model, recipe, settings, seed, fp, cache, weights, args.fresh, args.cached_only,

@@ -33,8 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from workbench.eval.prompt_set import EvalSettings, evaluate_fp, evaluate_quantized  # noqa: E402
+from workbench.eval.prompt_set import EvalSettings, Reference, evaluate_fp, evaluate_quantized  # noqa: E402
 from workbench.io.checkpoint import code_fingerprint  # noqa: E402
+from workbench.world.grammar import heldout_scenes  # noqa: E402
 from workbench.models import load_bundled  # noqa: E402
 from workbench.recipes import list_recipes, load_recipe, run_recipe  # noqa: E402
 from workbench.stages.ptq import weight_budget  # noqa: E402
@@ -194,9 +195,11 @@ def log(msg: str) -> None:
 
 
 def eval_settings(seed: int, steps: int, prompts: int | None = None) -> EvalSettings:
-    """The held-out evaluation (its first `prompts` prompts when given) with videos seeded from `seed`."""
-    s = EvalSettings(seed=seed, steps=steps)
-    return EvalSettings(prompts=s.prompts[:prompts], seed=seed, steps=steps) if prompts else s
+    """The held-out evaluation of the bundled model (its first `prompts` prompts when given) with videos
+    seeded from `seed` and guidance 3 (the table's videos; per-step latent errors are not recorded)."""
+    held = tuple(s.prompt for s in heldout_scenes())
+    return EvalSettings(prompts=held[:prompts] if prompts else held, seed=seed, steps=steps, guidance=3.0,
+                        latents=False)
 
 
 def row_file(cache: Path, recipe, settings: EvalSettings, seed: int, weights: str) -> Path:
@@ -204,24 +207,24 @@ def row_file(cache: Path, recipe, settings: EvalSettings, seed: int, weights: st
     return cache / f"{recipe.name}-{key_of(recipe, settings, seed, weights)}.json"
 
 
-def load_fp(model, settings: EvalSettings, cache: Path, fresh: bool, weights: str) -> tuple[dict, torch.Tensor]:
+def load_fp(model, settings: EvalSettings, cache: Path, fresh: bool, weights: str) -> Reference:
     """FP metrics and videos for `settings`: from the cache (marked `cached`), else generated and cached."""
     key = hashlib.sha256(json.dumps({"eval": settings.__dict__, "weights": weights, "code": code_fingerprint()},
                                     sort_keys=True, default=str).encode()).hexdigest()[:16]
     f, fv = cache / f"fp-{key}.json", cache / f"fp-{key}.safetensors"
     if f.exists() and fv.exists() and not fresh:
         log(f"FP: cached ({f.name})")
-        return {**json.loads(f.read_text()), "cached": True}, load_file(str(fv))["videos"]
+        return Reference({**json.loads(f.read_text()), "cached": True}, load_file(str(fv))["videos"])
     log(f"FP: generating {len(settings.prompts)} videos ...")
     t = time.perf_counter()
-    fp, videos = evaluate_fp(model, settings, progress=True)
-    fp["eval_s"] = time.perf_counter() - t
-    f.write_text(json.dumps(fp, indent=1))
-    save_file({"videos": videos.contiguous()}, str(fv))
-    return fp, videos
+    ref = evaluate_fp(model, settings, progress=True)
+    ref.metrics["eval_s"] = time.perf_counter() - t
+    f.write_text(json.dumps(ref.metrics, indent=1))
+    save_file({"videos": ref.videos.contiguous()}, str(fv))
+    return ref
 
 
-def measure(model, recipe, settings: EvalSettings, seed: int, fp: tuple[dict, torch.Tensor], out: Path) -> dict:
+def measure(model, recipe, settings: EvalSettings, seed: int, fp: Reference, out: Path) -> dict:
     """Run the recipe (seeded), score it against the FP videos, write the row to `out` and return it."""
     t = time.perf_counter()
     session = run_recipe(model, recipe, progress=True, seed=seed)
@@ -264,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     weights = weights_hash(model)
     about = model_line(model)
 
-    fp, fp_videos = load_fp(model, settings, cache, args.fresh, weights)
+    ref = load_fp(model, settings, cache, args.fresh, weights)
+    fp = ref.metrics
     log(f"FP oracle_accuracy {fp['oracle_accuracy']:.3f}")
 
     rows: dict[str, dict] = {}
@@ -281,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{name}: cached ({f.name})")
             continue
         log(f"{name}: running {len(recipe.stages)} stages ...")
-        row = measure(model, recipe, settings, args.seed, (fp, fp_videos), f)
+        row = measure(model, recipe, settings, args.seed, ref, f)
         rows[name] = row
         log(f"{name}: oracle {row['oracle_accuracy']:.3f}, psnr {row['psnr_vs_fp']:.2f} dB, "
             f"quantize {row['quantize_s']:.0f} s, eval {row['eval_s']:.0f} s")

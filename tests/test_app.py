@@ -148,3 +148,34 @@ def test_browser_generate_shows_two_videos(app, tmp_path):
                                         and "outside the grammar" in d.find_element(By.TAG_NAME, "body").text)
     finally:
         driver.quit()
+
+
+def test_app_on_a_pipeline_folder(tmp_path_factory):
+    """`python app.py --model DIR` on a tiny random Wan pipeline: the same page, metrics without an oracle."""
+    from gradio_client import Client
+
+    import app as app_module
+    from workbench.models import load_generator
+    from workbench.models.random_pipelines import save_random_pipeline
+
+    folder = save_random_pipeline("wan", tmp_path_factory.mktemp("pipe") / "wan")
+    model = load_generator(str(folder))
+    prompts, default = app_module.prompt_choices(model)
+    assert default == model.eval_prompts()[0] and set(model.calibration_prompts(32, 0)) <= set(prompts)
+    demo = app_module.build_app(model, out_dir=tmp_path_factory.mktemp("app-wan"), budget="quick")
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False)
+        help_text = client.predict("a red car moving left", api_name="/check_prompt")
+        assert "the text encoder takes it" in help_text
+        budget = next(iter(app_module.BUDGETS))
+        fp, q, diff, table, plot, status = client.predict(default, 0, 2, "W8A8", budget, api_name="/compare")
+        headers, rows = table["headers"], table["data"]
+        q_row = dict(zip(headers, rows[1]))
+        assert "oracle_accuracy" not in headers and 20 < q_row["psnr_vs_fp"] < 100 and plot is not None
+        assert "temporal_diff_error_vs_fp" in headers and "vidit-q-w8a8" in status
+        with pytest.raises(Exception, match="tokens"):
+            client.predict("a red car " * 40, 0, 2, "W8A8", budget, api_name="/compare")
+    finally:
+        demo.close()

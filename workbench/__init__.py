@@ -1,7 +1,7 @@
 """Workbench for quantizing video diffusion transformers.
 
     import workbench as wb
-    model = wb.load_bundled()                              # or wb.load("path/to/pipeline")
+    model = wb.load_bundled()                              # or wb.load_generator("path/to/pipeline")
     session = wb.run_recipe(model, "vidit-q-w8a8")         # a Session: quantized copy + stage reports
     c = wb.compare(model, wb.RecipeCache(model), "W4A8", "a red circle moving left")
 
@@ -17,6 +17,8 @@ __version__ = "0.2.0"
 
 _EXPORTS = {
     "load": "workbench.models",
+    "load_generator": "workbench.models",
+    "GenerationSettings": "workbench.models",
     "load_bundled": "workbench.models",
     "Session": "workbench.session",
     "run_recipe": "workbench.recipes",

@@ -34,8 +34,8 @@ if TYPE_CHECKING:
 class Session:
     """What stages read and write (see module docstring).
 
-    fp_model: a `TinyWorldModel` (text-to-video: stages can generate videos) or a bare diffusers video
-        transformer (stages that need videos then ask for calibration inputs instead).
+    fp_model: a `workbench.models.Generator` (the bundled model or a diffusers pipeline: stages can generate
+        videos) or a bare diffusers video transformer (stages that need videos then ask for calibration inputs).
     qtransformer: deep copy of the FP transformer, quantized in place by the stages.
     calibration: a `workbench.stages.calibration.CalibrationCache` once collected.
     quant_config: the QuantConfig applied to qtransformer (mixed precision adds per-layer rules).
@@ -56,7 +56,7 @@ class Session:
 
     @classmethod
     def start(cls, model: Any, seed: int = 0, progress: bool = False) -> Session:
-        """A session on `model`: a TinyWorldModel, a `workbench.models.LoadedModel` or a diffusers transformer.
+        """A session on `model`: a Generator, a `workbench.models.LoadedModel` or a diffusers transformer.
 
         The FP model is left untouched; `qtransformer` is a deep copy of its transformer in eval mode.
         """
@@ -64,7 +64,7 @@ class Session:
         transformer = getattr(model, "transformer", model)
         if not isinstance(transformer, nn.Module):
             raise TypeError(
-                f"Session.start needs a TinyWorldModel, a LoadedModel or a diffusers transformer (nn.Module), "
+                f"Session.start needs a Generator, a LoadedModel or a diffusers transformer (nn.Module), "
                 f"got {type(model).__name__}"
             )
         q = copy.deepcopy(transformer).eval()
@@ -90,8 +90,10 @@ class Session:
 
     @property
     def can_generate(self) -> bool:
-        """True when the FP model turns prompts into videos (the bundled text-to-video model)."""
-        return callable(getattr(self.fp_model, "generate_many", None))
+        """True when the FP model is a `Generator` (turns prompts into videos: the bundled model, a pipeline)."""
+        from workbench.models.generator import Generator
+
+        return isinstance(self.fp_model, Generator)
 
     @property
     def model_name(self) -> str:
@@ -107,9 +109,9 @@ class Session:
     def require_generator(self, stage: str) -> None:
         if not self.can_generate:
             raise ValueError(
-                f"{stage} generates videos, which needs a text-to-video model (the bundled tiny-world model); "
-                f"this session holds a bare {type(self.fp_model).__name__}"
-            )
+                f"{stage} generates videos, which needs a text-to-video model (the bundled tiny-world model or a "
+                f"diffusers pipeline directory); this session holds a bare {type(self.fp_model).__name__}: load the "
+                "whole pipeline (its folder with model_index.json), not only its transformer")
 
     # ---- reports -------------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from stage_helpers import PROMPTS, W4A8_STATIC, tiny_world_model  # noqa: E402
+from workbench.models.generator import GenerationSettings
 from workbench.io.rundir import ArtifactError, load_quantized, load_reports, read_manifest, save_quantized  # noqa: E402
 from workbench.models.adapters import tiny_inputs, tiny_model  # noqa: E402
 from workbench.session import Session  # noqa: E402
@@ -40,8 +41,8 @@ def test_round_trip_gives_identical_videos(saved):
     s, out = saved
     model, qt, manifest = load_quantized(out)
     assert manifest["model"]["source"] == "saved" and manifest["format_version"] == 2
-    a = s.fp_model.generate_many(PROMPTS[:1], [7], steps=1, transformer=s.qtransformer)
-    b = model.generate_many(PROMPTS[:1], [7], steps=1, transformer=qt)
+    a = s.fp_model.generate(PROMPTS[:1], [7], GenerationSettings(steps=1), transformer=s.qtransformer)
+    b = model.generate(PROMPTS[:1], [7], GenerationSettings(steps=1), transformer=qt)
     assert torch.equal(a, b)
     entry = s.calibration.entries[0].rows(1)  # the FP model comes back too
     fp_a = s.calibration.replay(s.fp_transformer, [entry])[0]

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from workbench.models import load_bundled, load_from_dir
+from workbench.models.generator import GenerationSettings
 from workbench.models.bundled import WEIGHTS_ROOT
 from workbench.models.text_encoder import VOCAB, tokenize
 from workbench.models.tiny_dit import build_transformer, with_coordinate_channels
@@ -24,19 +25,38 @@ def test_bundled_weights_are_small_and_real(model):
     assert type(model.transformer).__name__ == "WanTransformer3DModel"
 
 
+S3 = GenerationSettings(steps=3)
+
+
 def test_generation_is_seeded_and_batch_independent(model):
-    a = model.generate("a red circle moving left", seed=5, steps=3)
-    b = model.generate_many(["a blue cross moving up", "a red circle moving left"], [9, 5], steps=3)[1]
+    a = model.generate(["a red circle moving left"], [5], S3)[0]
+    b = model.generate(["a blue cross moving up", "a red circle moving left"], [9, 5], S3)[1]
     assert a.shape == (3, 8, 32, 32) and 0 <= a.min() and a.max() <= 1
     assert torch.allclose(a, b, atol=2e-3)  # batch size changes CPU kernel blocking, not the video
-    c = model.generate("a red circle moving left", seed=6, steps=3)
+    c = model.generate(["a red circle moving left"], [6], S3)[0]
     assert not torch.allclose(a, c)
 
 
+def test_generator_interface(model):
+    """The tiny model is one Generator: defaults, fixed size, disjoint prompt sets, per-step latents."""
+    from workbench.models.generator import Generator
+
+    assert isinstance(model, Generator)
+    assert model.defaults() == GenerationSettings(steps=16, guidance=3.0, frames=8, height=32, width=32)
+    with pytest.raises(ValueError, match="makes exactly 8 frames of 32x32.*frames=9"):
+        model.generate(["a red circle moving left"], [0], GenerationSettings(steps=2, frames=9))
+    cal, held = model.calibration_prompts(12, seed=3), model.eval_prompts()
+    assert len(cal) == 12 and not {s.prompt for s in model.oracle_scenes(cal)} & set(held)
+    seen = []
+    v = model.generate(["a red circle moving left"], [1], S3, on_step=lambda i, t, x: seen.append((i, t, x.clone())))
+    assert [i for i, _, _ in seen] == [0, 1, 2] and seen[0][1] > seen[-1][1]
+    assert torch.allclose(((seen[-1][2] + 1) / 2).clamp(0, 1)[0], v[0])  # the last latents are the video
+
+
 def test_one_video_fits_the_cpu_budget(model):
-    model.generate("a green square moving down", seed=0, steps=2)  # warm-up
+    model.generate(["a green square moving down"], [0], GenerationSettings(steps=2))  # warm-up
     t = time.process_time()
-    model.generate("a green square moving down", seed=0)  # default 16 steps, guidance 3
+    model.generate(["a green square moving down"], [0])  # default 16 steps, guidance 3
     # Target: <= 5 s wall on a 2-core CPU. CPU time per thread is what an unloaded machine's wall time
     # would be, and it does not grow when other jobs share the cores; 1.5x margin for slower CPUs.
     assert (time.process_time() - t) / torch.get_num_threads() < 7.5
@@ -44,11 +64,11 @@ def test_one_video_fits_the_cpu_budget(model):
 
 def test_bad_inputs_are_clear_errors(model):
     with pytest.raises(PromptError, match="purple"):
-        model.generate("a purple circle moving left")
+        model.generate(["a purple circle moving left"], [0])
     with pytest.raises(ValueError, match="one seed per prompt"):
-        model.generate_many(["a red circle moving left"], [0, 1])
+        model.generate(["a red circle moving left"], [0, 1])
     with pytest.raises(ValueError, match="steps"):
-        model.generate("a red circle moving left", steps=0)
+        model.generate(["a red circle moving left"], [0], GenerationSettings(steps=0))
 
 
 def test_corrupt_or_missing_weights_are_named(tmp_path):

@@ -79,6 +79,23 @@ def test_scale_clamped_and_zero_integer():
     assert zero.item() == round(zero.item()) and 0 <= zero.item() <= 15
 
 
+def test_codes_and_values_written_out_per_channel():
+    """Per-channel scales (one per row) by hand, symmetric and with an asymmetric zero point:
+    codes = clamp(round(x / s) + z), ties to even (3 / 2 = 1.5 -> 2); values = (codes - z) * s."""
+    x = torch.tensor([[0.25, -0.75, 1.0, 0.5], [6.0, -2.0, 3.0, -8.0]])
+    s = torch.tensor([[0.25], [2.0]])
+    sym, asym = QuantFormat("int", 4, True), QuantFormat("int", 4, False)   # [-8, 7] and [0, 15]
+    zero = torch.zeros_like(s)
+    codes = quantize(x, s, zero, sym)
+    assert codes.dtype == torch.int8 and codes.tolist() == [[1, -3, 4, 2], [3, -1, 2, -4]]
+    assert dequantize(codes, s, zero, sym).tolist() == [[0.25, -0.75, 1.0, 0.5], [6.0, -2.0, 4.0, -8.0]]
+    z = torch.tensor([[8.0], [3.0]])
+    ucodes = quantize(x, s, z, asym)
+    assert ucodes.dtype == torch.uint8 and ucodes.tolist() == [[9, 5, 12, 10], [6, 2, 5, 0]]  # -4 + 3 clamps to 0
+    assert dequantize(ucodes, s, z, asym).tolist() == [[0.25, -0.75, 1.0, 0.5], [6.0, -2.0, 4.0, -6.0]]
+    assert torch.equal(fake_quant(x, s, z, asym), dequantize(ucodes, s, z, asym))
+
+
 @settings(max_examples=40, deadline=None, database=None)
 @given(xs=values, fmt=st.sampled_from(FORMATS))
 def test_grid_bounds_idempotence_error(xs, fmt):

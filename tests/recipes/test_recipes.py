@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from stage_helpers import tiny_world_model  # noqa: E402
+from workbench.models.generator import GenerationSettings
 from workbench.quant import QuantConfig  # noqa: E402
 from workbench.recipes import RecipeError, list_recipes, load_recipe, recipe_from_dict, run_recipe  # noqa: E402
 
@@ -94,5 +95,5 @@ def test_run_recipe_end_to_end(tmp_path):
     assert session.recipe["name"] == "vidit-q-w4a8" and session.seed == 1
     mp = session.last_report("assign_mixed_precision")
     assert mp.summary["avg_weight_bits"] <= 5.0 + 1e-9
-    v = session.fp_model.generate_many(["a red circle moving right"], [0], steps=2, transformer=session.qtransformer)
+    v = session.fp_model.generate(["a red circle moving right"], [0], GenerationSettings(steps=2), transformer=session.qtransformer)
     assert v.isfinite().all()

@@ -14,45 +14,21 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
+from recipe_helpers import shrunk_recipe
 from stage_helpers import tiny_world_model
+from workbench.models.generator import GenerationSettings
 from workbench.cli import jobs
 from workbench.cli.commands import main
-from workbench.eval.compare import CalibrationBudget, scaled_recipe
 from workbench.io import rundir
 from workbench.io.packed import load_packed
 from workbench.metrics.fidelity import PSNR_CAP_DB, psnr
 from workbench.recipes import list_recipes
 
 PROMPT = "a fast green square moving up"
-SHRINK = {
-    "analyze_error_sources": {"prompts": 1, "steps": 2, "timesteps": 1, "error_timesteps": 1, "sample_rows": 32},
-    "calibrate_ranges": {"alpha_search": [0.5], "sample_rows": 64},
-    "select_salient_calibration": {"budget": 4},
-    "sparse_token_distill": {"batch_size": 2, "rows": 8},
-    "qvdit_distill": {"batch_size": 2, "rows": 8},
-    "mpq_distill": {"batch_size": 2, "rows": 8, "stat_calls": 1},
-}
-
-
-def shrunk_recipe(name: str, tmp_path: Path) -> Path:
-    """The recipe with 2 calibration prompts x 2 steps, <= 3 training steps and the SHRINK settings, as YAML."""
-    r = scaled_recipe(name, CalibrationBudget(prompts=2, steps=2, iters=3))
-    d = r.to_dict()
-    stages = []
-    for item in d["stages"]:
-        (stage, settings), = item.items()
-        stages.append({stage: {**settings, **SHRINK.get(stage, {})}})
-    d["stages"] = stages
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(d))
-    return path
-
-
 @pytest.mark.parametrize("name", list_recipes())
 def test_recipe_round_trip(name, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(jobs, "_bundled", lambda model="tiny-world": tiny_world_model())
+    monkeypatch.setattr(jobs, "load_model", lambda model="tiny-world", device="cpu", dtype=None: tiny_world_model())
     saved = {}
     real_save = rundir.save_quantized
 
@@ -69,8 +45,8 @@ def test_recipe_round_trip(name, tmp_path, capsys, monkeypatch):
 
     model, qt, manifest = rundir.load_quantized(run)
     assert manifest["recipe"]["name"] == name and manifest["format"] == "workbench-run"
-    want = session.fp_model.generate_many([PROMPT], [5], steps=2, transformer=session.qtransformer)
-    got = model.generate_many([PROMPT], [5], steps=2, transformer=qt)
+    want = session.fp_model.generate([PROMPT], [5], GenerationSettings(steps=2), transformer=session.qtransformer)
+    got = model.generate([PROMPT], [5], GenerationSettings(steps=2), transformer=qt)
     assert torch.equal(got, want), "the reloaded run is not the model `workbench quantize` held"
 
     prompts = tmp_path / "p.txt"
@@ -79,13 +55,13 @@ def test_recipe_round_trip(name, tmp_path, capsys, monkeypatch):
     assert main(["eval", str(run), "--json", "--prompts", str(prompts), "--steps", "2", "--seed", "5"]) == 0
     m = json.loads(capsys.readouterr().out)
     assert m["psnr_vs_fp"] is not None and math.isfinite(m["psnr_vs_fp"]) and m["psnr_vs_fp"] < PSNR_CAP_DB
-    fp = session.fp_model.generate_many([PROMPT], [5], steps=2)
+    fp = session.fp_model.generate([PROMPT], [5], GenerationSettings(steps=2))
     assert m["psnr_vs_fp"] == pytest.approx(float(psnr(want, fp)[0]), abs=1e-4)  # eval measured this model
 
     assert main(["export", str(run), "--out", str(packed)]) == 0
     fake = load_packed(packed, fake_quant=True)
-    assert torch.equal(model.generate_many([PROMPT], [5], steps=2, transformer=fake), want)
+    assert torch.equal(model.generate([PROMPT], [5], GenerationSettings(steps=2), transformer=fake), want)
     kernels = load_packed(packed, backend="reference")
-    k_video = model.generate_many([PROMPT], [5], steps=2, transformer=kernels)
+    k_video = model.generate([PROMPT], [5], GenerationSettings(steps=2), transformer=kernels)
     # the kernels round activations their own way: close to the in-memory model, far closer than to FP
     assert float(psnr(k_video, want)[0]) > max(30.0, m["psnr_vs_fp"])

@@ -241,7 +241,7 @@ def test_force_never_deletes_files_it_did_not_write(run_dir, tmp_path, capsys):
 def test_unwritable_out_is_found_before_any_work(tmp_path, capsys, monkeypatch):
     from workbench.cli import jobs
 
-    monkeypatch.setattr(jobs, "_bundled", lambda model="tiny-world": pytest.fail("the model was loaded"))
+    monkeypatch.setattr(jobs, "load_model", lambda model="tiny-world", device="cpu", dtype=None: pytest.fail("the model was loaded"))
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     assert main(["quantize", "--recipe", "naive-w8a8", "--out", str(blocker / "out")]) == 2

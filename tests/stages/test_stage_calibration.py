@@ -25,10 +25,20 @@ def test_cache_holds_replayable_trajectories(pipeline):
 
 def test_calibration_prompts_avoid_held_out_set():
     held = set(heldout_scenes())
-    prompts = calibration_prompts(12, seed=3)
+    model = tiny_world_model()
+    prompts = calibration_prompts(model, 12, seed=3)
     assert len(set(prompts)) == 12
     assert not any(parse_prompt(p) in held for p in prompts)
-    assert calibration_prompts(12, seed=3) == prompts  # seeded
+    assert calibration_prompts(model, 12, seed=3) == prompts  # seeded
+
+
+def test_entries_know_their_prompts_and_steps(pipeline):
+    """Every recorded row names its prompt (CFG batches are [cond..., uncond...]) and its denoising step."""
+    session, _ = pipeline
+    cal = session.calibration
+    assert [e.step for e in cal.entries] == [0, 1, 2]
+    assert all(e.prompt_ids == [0, 1, 0, 1] for e in cal.entries)
+    assert cal.entries[0].take(torch.tensor([3, 0])).prompt_ids == [1, 0]
 
 
 def test_held_out_prompt_is_refused():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from stage_helpers import W4A8_DYNAMIC, W4A8_STATIC, tiny_world_model
+from workbench.models.generator import GenerationSettings
 from workbench.quant import QuantLinear
 from workbench.session import Session
 from workbench.stages import (
@@ -110,7 +111,7 @@ def test_ranges_need_quantized_copy():
 def test_quantized_model_generates(pipeline):
     session, _ = pipeline
     m = session.fp_model
-    q = m.generate_many(["a red circle moving left"], [5], steps=2, transformer=session.qtransformer)
-    f = m.generate_many(["a red circle moving left"], [5], steps=2)
+    q = m.generate(["a red circle moving left"], [5], GenerationSettings(steps=2), transformer=session.qtransformer)
+    f = m.generate(["a red circle moving left"], [5], GenerationSettings(steps=2))
     assert torch.isfinite(q).all() and q.shape == f.shape
     assert 0 < (q - f).abs().mean() < 0.2

@@ -1,9 +1,12 @@
 """`workbench bench`: the GPU benchmark in one run, written to docs/benchmarks.md.
 
-Runs the kernel correctness checks and per-shape microbenchmarks (`workbench.bench.micro`), then the
-end-to-end transformer forwards (`workbench.bench.e2e`), and writes one markdown page: the
-issue's targets with the measured number beside each, then every table. On a machine without CUDA it
-stops with a clear message (`--dry-run-cpu` checks the logic on tiny shapes instead).
+Runs the GPU kernel tests (`tests/kernels/test_gpu.py`: every Triton kernel against its reference at
+production shapes, tolerances derived from the formats' rounding; in a source checkout), the kernel
+correctness checks and per-shape microbenchmarks (`workbench.bench.micro`), then the end-to-end
+transformer forwards (`workbench.bench.e2e`), and writes one markdown page: the issue's targets with
+the measured number beside each, the GPU kernel tests' counts and failures, then every table. On a
+machine without CUDA it stops with a clear message (`--dry-run-cpu` checks the logic on tiny shapes
+instead; the GPU kernel tests then read "skipped: no CUDA").
 """
 from __future__ import annotations
 
@@ -15,11 +18,15 @@ import subprocess
 import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+# the GPU kernel test module of a source checkout (absent from an installed package)
+GPU_TEST_MODULE = Path(__file__).resolve().parents[2] / "tests" / "kernels" / "test_gpu.py"
 
 
 @dataclass
@@ -35,6 +42,7 @@ class BenchSettings:
     dry_run_cpu: bool = False
     force: bool = False
     append: bool = False  # extend an earlier run's page (same GPU) instead of replacing it
+    gpu_tests_timeout_s: float = 480.0  # the GPU kernel test module runs with the kernel part (not with --skip-micro)
 
 
 def merge_e2e(old: list[dict], new: list[dict]) -> list[dict]:
@@ -113,6 +121,83 @@ def targets(micro_rows: list[dict], e2e_rows: list[dict]) -> list[dict[str, Any]
     return out
 
 
+def parse_junit(path: Path) -> dict[str, Any]:
+    """Counts and failed test names (with the first line of their message) of a pytest --junitxml file."""
+    root = ET.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    counts = {k: sum(int(x.get(k, 0)) for x in suites) for k in ("tests", "failures", "errors", "skipped")}
+    failures = []
+    for case in root.iter("testcase"):
+        bad = case.find("failure")
+        bad = bad if bad is not None else case.find("error")
+        if bad is not None:
+            module = case.get("classname", "").split(".")[-1]
+            msg = (bad.get("message") or bad.text or "").strip().splitlines()
+            failures.append({"name": f"{module}.py::{case.get('name')}" if module else case.get("name", "?"),
+                             "kind": bad.tag, "message": msg[0][:300] if msg else ""})
+    passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    return {"passed": passed, "failed": counts["failures"], "errors": counts["errors"], "skipped": counts["skipped"],
+            "total": counts["tests"], "failures": failures,
+            "seconds": sum(float(x.get("time", 0.0)) for x in suites)}
+
+
+def run_test_module(module: Path, timeout_s: float) -> dict[str, Any]:
+    """Run one pytest module in a subprocess (from the repository root, Triton compiled, not interpreted) and
+    return {"status": "ran", counts, failures, ...} from its junit XML, or a status saying why it did not."""
+    import importlib.util
+
+    if importlib.util.find_spec("pytest") is None:
+        return {"status": "not run: pytest is not installed (pip install pytest)"}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as tmp:
+        xml = Path(tmp) / "junit.xml"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(module), f"--junitxml={xml}"]
+        t0 = time.time()
+        try:
+            proc = subprocess.run(cmd, cwd=module.parents[2], env=env, capture_output=True, text=True,
+                                  timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return {"status": f"timed out after {timeout_s:.0f} s (raise BenchSettings.gpu_tests_timeout_s)"}
+        if not xml.exists():
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
+            return {"status": f"pytest exited with code {proc.returncode} before writing results: "
+                              + " / ".join(tail)[:500]}
+        res = parse_junit(xml)
+    res.update(status="ran", returncode=proc.returncode, wall_s=time.time() - t0,
+               command=f"python -m pytest -q {module.relative_to(module.parents[2])}")
+    return res
+
+
+def gpu_kernel_tests(s: BenchSettings) -> dict[str, Any]:
+    """Run tests/kernels/test_gpu.py on this GPU when it can and should run; else a status saying why not."""
+    if not torch.cuda.is_available():
+        return {"status": "skipped: no CUDA"}
+    if s.dry_run_cpu:
+        return {"status": "skipped: --dry-run-cpu runs on the CPU"}
+    if s.skip_micro:
+        return {"status": "not run: the kernel part was skipped (--skip-micro)"}
+    if not GPU_TEST_MODULE.exists():
+        return {"status": f"not run: {GPU_TEST_MODULE} not found (an installed package has no tests/ directory); "
+                          "run `workbench bench` from a source checkout of the repository"}
+    return run_test_module(GPU_TEST_MODULE, s.gpu_tests_timeout_s)
+
+
+def gpu_tests_markdown(res: dict[str, Any] | None) -> str:
+    """The "GPU kernel tests" section: counts and failed tests, or why the module did not run."""
+    if not res:
+        return "not run"
+    if res.get("status") != "ran":
+        return str(res.get("status"))
+    ok = res["failed"] == 0 and res["errors"] == 0
+    lines = [f"`{res.get('command', 'pytest tests/kernels/test_gpu.py')}`: **{res['passed']} passed, "
+             f"{res['failed']} failed, {res['errors']} errors, {res['skipped']} skipped** of {res['total']} "
+             f"({res['seconds']:.0f} s){'' if ok else ' - KERNELS DISAGREE WITH THEIR REFERENCE'}"]
+    if res["failures"]:
+        lines += ["", "| failed test | kind | message |", "|---|---|---|"]
+        lines += [f"| {f['name']} | {f['kind']} | {f['message'].replace('|', '/')} |" for f in res["failures"]]
+    return "\n".join(lines)
+
+
 def environment() -> dict[str, Any]:
     """GPU, versions and date of the run."""
     info: dict[str, Any] = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -127,7 +212,7 @@ def environment() -> dict[str, Any]:
 
 
 def write_markdown(path: Path, env: dict, tgt: list[dict], micro_md: str | None, e2e_md: str | None,
-                   wall_s: float, parts: list[dict] | None = None) -> None:
+                   wall_s: float, parts: list[dict] | None = None, gpu_tests: dict | None = None) -> None:
     head = (f"Written by `workbench bench` on {env['date']}: **{env['gpu']}**, torch {env['torch']}, "
             f"triton {env['triton']}, diffusers {env['diffusers']}, torchao {env['torchao']}; "
             f"run took {wall_s / 60:.1f} min.")
@@ -136,6 +221,7 @@ def write_markdown(path: Path, env: dict, tgt: list[dict], micro_md: str | None,
                  + "; ".join(f"{p['date']} {p['what']} ({p['wall_s'] / 60:.1f} min)" for p in parts) + ".")
     lines = ["# GPU benchmarks", "", head, "", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |" for t in tgt]
+    lines += ["", "## GPU kernel tests", "", gpu_tests_markdown(gpu_tests)]
     if e2e_md:
         lines += ["", "## End-to-end transformer forward (batch 1, random weights, one denoising step)", "", e2e_md]
     if micro_md:
@@ -159,10 +245,16 @@ def run_bench(s: BenchSettings) -> dict[str, Any]:
     micro_md = None
     e2e_rows: list[dict] = []
     parts: list[dict] = []
+    gpu_tests: dict | None = None
     if s.append:
         prev = load_previous(out.with_suffix(".json"), env)
         micro_rows, micro_md = prev.get("micro", []), prev.get("micro_md")
         e2e_rows, parts = prev.get("e2e", []), prev.get("parts", [])
+        gpu_tests = prev.get("gpu_tests")
+    fresh = gpu_kernel_tests(s)  # a run replaces an appended page's result; a reason not to run does not
+    if fresh.get("status") == "ran" or not (gpu_tests and gpu_tests.get("status") == "ran"):
+        gpu_tests = fresh
+    print(f"GPU kernel tests: {gpu_tests_markdown(gpu_tests).splitlines()[0]}", flush=True)
     what = ", ".join(x for x in (None if s.skip_micro else "kernels",
                                  None if s.skip_e2e else f"end to end {s.models or 'all models'}") if x)
     part = {"date": env["date"], "what": what, "wall_s": 0.0}
@@ -193,9 +285,9 @@ def run_bench(s: BenchSettings) -> dict[str, Any]:
         tgt = targets(micro_rows, rows)
         e2e_md = bench_e2e.markdown(row_objs) if rows else None
         part["wall_s"] = time.time() - t0
-        write_markdown(out, env, tgt, micro_md, e2e_md, sum(p["wall_s"] for p in parts), parts)
-        result = {"env": env, "targets": tgt, "micro": micro_rows, "micro_md": micro_md, "e2e": rows,
-                  "parts": parts, "settings": asdict(s)}
+        write_markdown(out, env, tgt, micro_md, e2e_md, sum(p["wall_s"] for p in parts), parts, gpu_tests)
+        result = {"env": env, "targets": tgt, "gpu_tests": gpu_tests, "micro": micro_rows, "micro_md": micro_md,
+                  "e2e": rows, "parts": parts, "settings": asdict(s)}
         out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
         return result
 

@@ -10,48 +10,60 @@ from pathlib import Path
 from workbench.world.grammar import PromptError
 
 
-def _model(name: str):
-    from workbench.models import load_bundled
-    from workbench.models.bundled import BUNDLED
+def _eval_settings(args):  # noqa: ANN001, ANN202
+    """EvalSettings from the sampling flags (prompts are read once the model is known)."""
+    from workbench.eval.prompt_set import EvalSettings
 
-    if name not in BUNDLED:
-        raise ValueError(
-            f"`{name}` is not a bundled text-to-video model ({', '.join(BUNDLED)}); generation needs the bundled "
-            "model's text encoder. Local diffusers checkpoints load with workbench.models.load() for analysis."
-        )
-    return load_bundled(name)
+    return EvalSettings(seed=args.seed, steps=args.steps, guidance=args.guidance,
+                        frames=getattr(args, "frames", None), height=getattr(args, "height", None),
+                        width=getattr(args, "width", None))
 
 
-def _settings(args):
-    from workbench.eval.prompt_set import EvalSettings, read_prompts_file
+def _options(args):  # noqa: ANN001, ANN202
+    from workbench.cli.jobs import VideoOptions
 
-    kw = dict(seed=args.seed, steps=args.steps, guidance=args.guidance)
-    if getattr(args, "prompts", None):
-        kw["prompts"] = read_prompts_file(args.prompts)
-    return EvalSettings(**kw)
+    return VideoOptions(prompts=getattr(args, "prompts_file", None), frames=args.frames, height=args.height,
+                        width=args.width)
 
 
 def cmd_generate(args) -> int:
+    """One clip from a prompt, with a model (bundled name or pipeline folder) or a quantized run directory."""
+    from workbench.cli.jobs import load_model, parse_dtype
+    from workbench.io.rundir import MANIFEST, load_quantized
     from workbench.io.video import check_video_path, save_video
-    from workbench.world.grammar import parse_prompt
+    from workbench.models.generator import GenerationSettings
 
-    parse_prompt(args.prompt)
     out = check_video_path(args.out, overwrite=args.force)  # before the work, not after it
-    model = _model(args.model)
-    video = model.generate(args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, progress=True)
+    settings = GenerationSettings(steps=args.steps, guidance=args.guidance, frames=args.frames, height=args.height,
+                                  width=args.width)
+    transformer = None
+    if Path(args.model, MANIFEST).is_file():  # a directory written by `workbench quantize`
+        model, transformer, _ = load_quantized(args.model, None, args.device, parse_dtype(args.dtype))
+    else:
+        model = load_model(args.model, args.device, args.dtype)
+    model.check_prompts([args.prompt])
+    video = model.generate([args.prompt], [args.seed], settings, transformer=transformer, progress=True)[0]
     save_video(video, out, overwrite=args.force)
     print(f"wrote {out}")
     return 0
 
 
 def cmd_eval_fp(args) -> int:
-    from workbench.eval.prompt_set import evaluate_fp
+    from dataclasses import replace
 
-    model = _model(args.model)
-    metrics, _ = evaluate_fp(model, _settings(args), progress=not args.json)
-    metrics = {"model": args.model, "seed": args.seed, "steps": args.steps, "guidance": args.guidance, **metrics}
+    from workbench.cli.jobs import load_model
+    from workbench.eval.prompt_set import evaluate_fp, read_prompts_file
+
+    model = load_model(args.model, args.device, args.dtype)
+    settings = _eval_settings(args)
+    if args.prompts:
+        settings = replace(settings, prompts=read_prompts_file(args.prompts, model))
+    settings = settings.resolved(model)
+    metrics = evaluate_fp(model, settings, progress=not args.json).metrics
+    metrics = {"model": args.model, "seed": settings.seed, "steps": settings.steps, "guidance": settings.guidance,
+               **metrics}
     if args.json:
-        print(json.dumps(metrics))
+        print(json.dumps(metrics, allow_nan=False))
     else:
         for k, v in metrics.items():
             print(f"{k:>28}: {v}")
@@ -62,7 +74,8 @@ def cmd_demo(args) -> int:
     from workbench.cli.demo import run_demo
 
     recipes = tuple(r for r in args.recipes.split(",") if r.strip())
-    path = run_demo(Path(args.out), model_name=args.model, settings=_settings(args), force=args.force, recipes=recipes)
+    path = run_demo(Path(args.out), model_name=args.model, settings=_eval_settings(args), force=args.force,
+                    recipes=recipes, prompts_file=args.prompts)
     print(f"wrote {path}")
     return 0
 
@@ -70,7 +83,7 @@ def cmd_demo(args) -> int:
 def cmd_report(args) -> int:
     from workbench.cli.demo import run_report
 
-    path = run_report(args.dirs, args.out, settings=_settings(args), force=args.force)
+    path = run_report(args.dirs, args.out, settings=_eval_settings(args), force=args.force, prompts_file=args.prompts)
     print(f"wrote {path}")
     return 0
 
@@ -100,7 +113,8 @@ def cmd_quantize(args) -> int:
 
     with graceful_sigint(first_ctrl_c):
         out = quantize_recipe(args.recipe, args.out, force=args.force, seed=args.seed, progress=True,
-                              restart=args.restart)
+                              restart=args.restart, model=args.model, options=_options(args), device=args.device,
+                              dtype=args.dtype)
     print(f"wrote {out} (evaluate it: workbench eval {out} --json)")
     return 0
 
@@ -108,7 +122,8 @@ def cmd_quantize(args) -> int:
 def cmd_eval(args) -> int:
     from workbench.cli.jobs import EVAL_KEYS, evaluate_directory
 
-    metrics = evaluate_directory(args.dir, _settings(args), progress=not args.json)
+    metrics = evaluate_directory(args.dir, _eval_settings(args), progress=not args.json, model=args.model,
+                                 device=args.device, dtype=args.dtype, prompts_file=args.prompts, clip=args.clip)
     if args.json:
         print(json.dumps(metrics, allow_nan=False))
     else:
@@ -122,7 +137,8 @@ def cmd_analyze(args) -> int:
     from workbench.cli.jobs import analyze_recipe
 
     path = analyze_recipe(args.recipe, args.out, force=args.force, seed=args.seed, prompts=args.prompts,
-                          steps=args.steps, progress=True)
+                          steps=args.steps, progress=True, model=args.model, device=args.device, dtype=args.dtype,
+                          options=_options(args))
     print(f"wrote {path}")
     return 0
 
@@ -177,24 +193,53 @@ def steps_arg(text: str) -> int:
     return value
 
 
-def _add_sampling(p: argparse.ArgumentParser, prompts: bool = True) -> None:
-    p.add_argument("--model", default="tiny-world", help="bundled model name (default tiny-world)")
+def size_arg(text: str) -> int:
+    """argparse type of frames / height / width: a positive integer (the model checks what it can make)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text[:40]!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _add_model(p: argparse.ArgumentParser, default: str | None = "tiny-world", what: str = "") -> None:
+    p.add_argument("--model", default=default,
+                   help=what or "bundled model name (tiny-world) or a local diffusers video pipeline folder "
+                        "(model_index.json); default tiny-world")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="weights dtype (default: fp32 on the CPU, bf16 on CUDA for pipelines)")
+
+
+def _add_sizes(p: argparse.ArgumentParser) -> None:
+    for name in ("frames", "height", "width"):
+        p.add_argument(f"--{name}", type=size_arg, default=None, help=f"video {name} (default: what the model was made for)")
+
+
+def _add_sampling(p: argparse.ArgumentParser, prompts: bool = True, model: bool = True) -> None:
+    if model:
+        _add_model(p)
     p.add_argument("--seed", type=seed_arg, default=0, help="seed of the first video; video i uses seed+i")
-    p.add_argument("--steps", type=steps_arg, default=16, help="sampling steps")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--steps", type=steps_arg, default=None, help="sampling steps (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    _add_sizes(p)
     if prompts:
-        p.add_argument("--prompts", default=None, help="file with one prompt a line (default: the held-out set)")
+        p.add_argument("--prompts", default=None, help="file with one prompt a line (default: the model's held-out set)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="workbench", description="Quantize video diffusion transformers and measure what it costs.")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("generate", help="generate one clip (.mp4 or .gif) from a prompt")
+    p = sub.add_parser("generate", help="generate one clip (.mp4, .webm or .gif) from a prompt")
     p.add_argument("--prompt", required=True, help="e.g. 'a red circle moving left'")
-    p.add_argument("--out", required=True, help="output file, .mp4 or .gif")
+    p.add_argument("--out", required=True, help="output file, .mp4, .webm or .gif")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    _add_sampling(p, prompts=False)
+    _add_sampling(p, prompts=False, model=False)
+    _add_model(p, what="bundled model name, a local diffusers video pipeline folder, or a directory written by "
+                       "`workbench quantize` (its quantized transformer generates); default tiny-world")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("eval-fp", help="generate a prompt set with the full-precision model and measure it")
@@ -202,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p)
     p.set_defaults(fn=cmd_eval_fp)
 
-    p = sub.add_parser("demo", help="the main job on the bundled model, written as an HTML report")
+    p = sub.add_parser("demo", help="FP and quantized videos of a model side by side, written as an HTML report")
     p.add_argument("--out", default="out/demo", help="output directory")
     p.add_argument("--force", action="store_true", help="overwrite an existing report in --out")
     p.add_argument("--recipes", default="vidit-q-w8a8", help="comma-separated recipes to run beside FP ('' for FP only)")
@@ -213,15 +258,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dirs", nargs="+", metavar="DIR", help="directories written by `workbench quantize --out DIR`")
     p.add_argument("--out", default="report.html", help="the HTML file to write (metrics.json lands beside it)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    _add_sampling(p)
+    _add_sampling(p, model=False)
     p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("recipes", help="list the shipped quantization recipes")
     p.add_argument("--json", action="store_true", help="print one JSON list")
     p.set_defaults(fn=cmd_recipes)
 
-    p = sub.add_parser("quantize", help="run a recipe on the bundled model and save the quantized model")
+    p = sub.add_parser("quantize", help="run a recipe on a model (bundled or a pipeline folder) and save the quantized model")
     p.add_argument("--recipe", required=True, help="recipe name (see `workbench recipes`) or a recipe YAML file")
+    _add_model(p)
+    p.add_argument("--prompts", dest="prompts_file", default=None,
+                   help="calibration prompts, one a line (default: the recipe's count of the model's calibration prompts)")
+    _add_sizes(p)
     p.add_argument("--out", required=True, help="output directory (must be empty unless --force)")
     p.add_argument("--force", action="store_true",
                    help="replace an earlier `workbench quantize` output in --out (only the files it wrote)")
@@ -233,10 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="measure a quantized model (from `workbench quantize`) against full precision")
     p.add_argument("dir", help="directory written by `workbench quantize`")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the first video; video i uses seed+i (FP uses the same)")
-    p.add_argument("--steps", type=steps_arg, default=16, help="sampling steps")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
-    p.add_argument("--prompts", default=None, help="file with one prompt a line (default: the held-out set)")
+    _add_sampling(p, model=False)
+    _add_model(p, default=None, what="the pipeline folder the run was made from, when it moved (default: the "
+                                     "folder the run names)")
+    p.add_argument("--clip", default=None, help="a local CLIP checkpoint folder: adds CLIP text-video score and "
+                                                "CLIP Frechet distance")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("analyze", help="error-source analysis under a recipe's quant config, as an HTML report")
@@ -245,7 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     p.add_argument("--seed", type=seed_arg, default=0, help="seed of calibration and the sensitivity videos")
     p.add_argument("--prompts", type=int, default=2, help="generated prompts of the sensitivity analysis")
-    p.add_argument("--steps", type=int, default=8, help="sampling steps of the sensitivity videos")
+    p.add_argument("--steps", type=steps_arg, default=8, help="sampling steps of the sensitivity videos")
+    _add_model(p)
+    _add_sizes(p)
     p.set_defaults(fn=cmd_analyze)
 
     p = sub.add_parser("export", help="pack a quantized model (from `workbench quantize`) into low-bit safetensors")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from workbench.eval.compare import QUICK, CalibrationBudget, scaled_recipe
 from workbench.eval.prompt_set import EvalSettings, QuantizedEntry, comparison_content
-from workbench.models import load_bundled
+from workbench.models.generator import Generator
 from workbench.viz.html import ReportContent, write_report
 
 DEMO_RECIPES = ("vidit-q-w8a8",)
@@ -33,9 +33,13 @@ def _write(content: ReportContent, rows: list[dict], report_path: Path, force: b
 
 def run_demo(out: Path, model_name: str = "tiny-world", settings: EvalSettings = EvalSettings(), force: bool = False,
              recipes: tuple[str, ...] = DEMO_RECIPES, budget: CalibrationBudget = DEMO_BUDGET, seed: int = 0,
-             progress: bool = True) -> Path:
-    """Quantize the bundled model with `recipes`, generate the prompt set with FP and each, write out/report.html
-    and out/metrics.json (one row per model)."""
+             progress: bool = True, prompts_file: str | None = None, device: str = "cpu") -> Path:
+    """Quantize a model (bundled name or pipeline folder) with `recipes`, generate the prompt set with FP and
+    each, write out/report.html and out/metrics.json (one row per model)."""
+    from dataclasses import replace
+
+    from workbench.eval.prompt_set import read_prompts_file
+    from workbench.models import load_generator
     from workbench.recipes import load_recipe, run_recipe
 
     out = Path(out)
@@ -43,22 +47,24 @@ def run_demo(out: Path, model_name: str = "tiny-world", settings: EvalSettings =
     if report_path.exists() and not force:
         raise FileExistsError(f"{report_path} exists; pass --force (make demo FORCE=1) to overwrite it")
     chosen = [scaled_recipe(load_recipe(r), budget) for r in recipes]  # a bad recipe fails before the long work
-    model = load_bundled(model_name)
+    model = load_generator(model_name, device)
+    if prompts_file is not None:
+        settings = replace(settings, prompts=read_prompts_file(prompts_file, model))
     entries = []
     for r in chosen:
         session = run_recipe(model, r, progress=progress, seed=seed)
         entries.append(QuantizedEntry(r.name, session.qtransformer.eval(), session.reports, {"method": r.method}))
     content, rows = comparison_content(
-        model, entries, settings, f"Workbench report: {model_name}",
+        model, entries, settings, f"Workbench report: {model.name}",
         notes=[f"Recipes: {', '.join(recipes) or 'none'} (calibration budget: {budget.label})."], progress=progress)
     return _write(content, rows, report_path, force)
 
 
 def run_report(directories: list[str | Path], out: str | Path, settings: EvalSettings = EvalSettings(),
-               force: bool = False, progress: bool = True) -> Path:
+               force: bool = False, progress: bool = True, prompts_file: str | None = None) -> Path:
     """One page comparing saved quantized models (`workbench quantize --out DIR`) with their FP model.
 
-    Every directory must hold the same bundled text-to-video model; its stage reports (reports.json) are
+    Every directory must hold the same text-to-video model; its stage reports (reports.json) are
     drawn again. `out` is the HTML file; metrics.json is written beside it.
     """
     from workbench.io.rundir import load_quantized, load_reports
@@ -76,7 +82,7 @@ def run_report(directories: list[str | Path], out: str | Path, settings: EvalSet
         if not d.is_dir():
             raise FileNotFoundError(f"{d} is not a directory; give directories written by `workbench quantize --out DIR`")
         fp_model, qt, manifest = load_quantized(d)
-        if not hasattr(fp_model, "generate_many"):
+        if not isinstance(fp_model, Generator):
             raise ValueError(f"{d} holds a bare transformer; the report generates videos, which needs a text-to-video model")
         name = manifest["model"].get("name") or "model"
         model_names.add(name)
@@ -90,6 +96,12 @@ def run_report(directories: list[str | Path], out: str | Path, settings: EvalSet
             label = f"{label} ({d.name})"
         entries.append(QuantizedEntry(label, qt.eval(), load_reports(d),
                                       {"method": (recipe.get("recipe") or {}).get("method", ""), "directory": str(d)}))
+    if prompts_file is not None:
+        from dataclasses import replace
+
+        from workbench.eval.prompt_set import read_prompts_file
+
+        settings = replace(settings, prompts=read_prompts_file(prompts_file, model))
     content, rows = comparison_content(model, entries, settings, f"Workbench report: {model_names.pop()}",
                                        progress=progress)
     return _write(content, rows, out, force)

@@ -19,10 +19,9 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 
 from workbench.metrics import evaluate_videos
+from workbench.models.generator import GenerationSettings, Generator
 from workbench.quant import QuantLinear, quantized_linears
-from workbench.models.bundled import TinyWorldModel
-from workbench.models.tiny_dit import with_time_channel
-from workbench.world.grammar import parse_prompt
+from workbench.world.grammar import PromptError, parse_prompt
 
 # Bit-width shortcuts: each lists the recipes that quantize to it, best first; the first one shipped wins.
 BIT_WIDTH_PREFERENCE: dict[str, tuple[str, ...]] = {
@@ -44,14 +43,21 @@ def _bit_widths() -> dict[str, str]:
 BIT_WIDTHS: dict[str, str] = _bit_widths()
 
 
-def describe_prompt(text: str) -> str:
-    """One Markdown line: how the grammar reads a typed prompt, or what is wrong with it (the vocabulary)."""
-    from workbench.world.grammar import PromptError
-
+def describe_prompt(text: str, model: Generator | None = None) -> str:
+    """One Markdown line about a typed prompt: how the model's oracle reads it (the world grammar), whether
+    its text encoder takes it, or what is wrong with it."""
     try:
-        s = parse_prompt(text)
-    except PromptError as e:
-        return f"**Not a prompt of the world grammar:** {e}"
+        if model is None:
+            s = parse_prompt(text)
+        else:
+            model.check_prompts([text])
+            scenes = model.oracle_scenes([text])
+            if scenes is None:
+                return f"{len(text)} characters: the text encoder takes it."
+            s = scenes[0]
+    except ValueError as e:
+        kind = "Not a prompt of the world grammar" if isinstance(e, PromptError) else "Not usable"
+        return f"**{kind}:** {e}"
     return f"Reads as: a {s.speed} {s.color} {s.shape} moving {s.direction}."
 
 
@@ -120,7 +126,7 @@ class RecipeCache:
     does not regenerate the reference.
     """
 
-    model: TinyWorldModel
+    model: Generator
     budget: CalibrationBudget = FULL
     seed: int = 0
     fp_cache_size: int = 32
@@ -148,14 +154,14 @@ class RecipeCache:
         """The Session that built a cached transformer (its stage reports), or None if not built yet."""
         return self.sessions.get((recipe_name(choice), self.budget if budget is None else budget))
 
-    def fp_video(self, prompt: str, seed: int, steps: int, guidance: float, progress: bool = False) -> torch.Tensor:
+    def fp_video(self, prompt: str, seed: int, settings: GenerationSettings, progress: bool = False) -> torch.Tensor:
         """The FP clip (3, F, H, W) of one prompt and seed, from the cache when it was made before."""
-        key = (prompt, int(seed), int(steps), float(guidance))
+        key = (prompt, int(seed), settings)
         with self._lock:
             if key in self._fp:
                 self._fp.move_to_end(key)
                 return self._fp[key]
-        video = self.model.generate_many([prompt], [int(seed)], int(steps), float(guidance), progress=progress)[0]
+        video = self.model.generate([prompt], [int(seed)], settings, progress=progress)[0]
         with self._lock:
             self._fp[key] = video
             while len(self._fp) > self.fp_cache_size:
@@ -178,7 +184,15 @@ class Comparison:
 
 
 DIFF_GAIN = 4.0
-METRIC_KEYS = ("oracle_accuracy", "temporal_consistency", "psnr_vs_fp", "ssim_vs_fp")
+METRIC_KEYS = ("oracle_accuracy", "temporal_consistency", "psnr_vs_fp", "ssim_vs_fp", "flicker_score",
+               "temporal_diff_error_vs_fp")
+ORACLE_KEYS = ("oracle_accuracy", "temporal_consistency")
+
+
+def metric_keys(model: Generator) -> list[str]:
+    """The comparison's metric columns for `model`: the oracle's only where the model has one."""
+    oracle = model.oracle_scenes(model.eval_prompts()[:1]) is not None
+    return [k for k in METRIC_KEYS if oracle or k not in ORACLE_KEYS]
 
 
 def difference_video(fp: torch.Tensor, q: torch.Tensor, gain: float = DIFF_GAIN) -> torch.Tensor:
@@ -187,16 +201,21 @@ def difference_video(fp: torch.Tensor, q: torch.Tensor, gain: float = DIFF_GAIN)
 
 
 @torch.no_grad()
-def layer_output_errors(model: TinyWorldModel, qtransformer: torch.nn.Module, prompt: str, seed: int, timestep: float = 500.0) -> list[dict]:
-    """Relative L2 error of every linear layer's output, quantized vs FP, on one noisy input at `timestep`.
+def layer_output_errors(model: Generator, qtransformer: torch.nn.Module, prompt: str, seed: int,
+                        settings: GenerationSettings | None = None) -> list[dict]:
+    """Relative L2 error of every linear layer's output, quantized vs FP, on one real transformer input: the
+    model's middle denoising call for this prompt and seed (recorded from an FP generation).
 
     Both networks get the same input, so errors accumulate through the quantized network exactly as in
     sampling: the bars show where the quantized model drifts away from FP.
     """
-    from workbench.models.sampler import initial_noise
+    from workbench.stages.calibration import recording_calls
 
-    x = initial_noise([seed], model.world)
-    emb = model.text_encoder.encode([prompt])
+    s = (settings or GenerationSettings()).resolved(model.defaults())
+    calls: list[tuple[tuple, dict]] = []
+    with recording_calls(model.transformer, lambda a, k: calls.append((a, k))):
+        model.generate([prompt], [int(seed)], s)
+    args, kwargs = calls[len(calls) // 2]
     outs: dict[str, dict[str, torch.Tensor]] = {"fp": {}, "q": {}}
     hooks = []
     for tag, net in (("fp", model.transformer), ("q", qtransformer)):
@@ -205,8 +224,7 @@ def layer_output_errors(model: TinyWorldModel, qtransformer: torch.nn.Module, pr
                 hooks.append(mod.register_forward_hook(lambda m, i, o, n=name, t=tag: outs[t].__setitem__(n, o.detach().float())))
     try:
         for net in (model.transformer, qtransformer):
-            inp = with_time_channel(x, int(net.config.in_channels))
-            net(inp, torch.tensor([timestep]), emb, return_dict=False)
+            net(*args, **kwargs)
     finally:
         for h in hooks:
             h.remove()
@@ -220,32 +238,37 @@ def layer_output_errors(model: TinyWorldModel, qtransformer: torch.nn.Module, pr
 
 
 def compare(
-    model: TinyWorldModel, cache: RecipeCache, recipe: str, prompt: str, seed: int = 0, steps: int = 16,
-    guidance: float = 3.0, progress: bool = False, budget: CalibrationBudget | None = None,
+    model: Generator, cache: RecipeCache, recipe: str, prompt: str, seed: int = 0, steps: int | None = None,
+    guidance: float | None = None, progress: bool = False, budget: CalibrationBudget | None = None,
+    frames: int | None = None, height: int | None = None, width: int | None = None,
 ) -> Comparison:
     """Generate one prompt with FP and with the recipe's quantized transformer, same seed, and measure both.
 
-    Bad input (a prompt outside the grammar, a negative seed, steps < 1, an unknown recipe) raises a
-    ValueError subclass whose message says what to fix, before any generation starts.
+    Bad input (a prompt the model cannot take, a negative seed, steps out of range, a size the model cannot
+    make, an unknown recipe) raises a ValueError subclass whose message says what to fix, before any
+    generation starts.
     """
-    scene = parse_prompt(prompt)
     if int(seed) < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed}")
-    if not 1 <= int(steps) <= 1000:
-        raise ValueError(f"steps must be between 1 and 1000, got {steps}")
+    settings = GenerationSettings(steps=None if steps is None else int(steps), guidance=guidance, frames=frames,
+                                  height=height, width=width).resolved(model.defaults())
+    model.check_settings(settings)
+    model.check_prompts([prompt])
+    scenes = model.oracle_scenes([prompt])
     qt = cache.get(recipe, progress=progress, budget=budget)
-    fp = cache.fp_video(prompt, seed, steps, guidance, progress=progress)
-    q = model.generate_many([prompt], [int(seed)], int(steps), guidance, progress=progress, transformer=qt)[0]
-    m_fp = evaluate_videos(fp[None], [scene])
-    m_q = evaluate_videos(q[None], [scene], reference=fp[None])
+    fp = cache.fp_video(prompt, seed, settings, progress=progress)
+    q = model.generate([prompt], [int(seed)], settings, progress=progress, transformer=qt)[0]
+    m_fp = evaluate_videos(fp[None], scenes, flicker=True)
+    m_q = evaluate_videos(q[None], scenes, reference=fp[None], flicker=True)
     label = recipe if recipe == recipe_name(recipe) else f"{recipe} ({recipe_name(recipe)})"
+    keys = metric_keys(model)
     rows = [
-        {"model": "FP", **{k: m_fp.get(k) for k in METRIC_KEYS}},
-        {"model": label, **{k: m_q.get(k) for k in METRIC_KEYS}},
+        {"model": "FP", **{k: m_fp.get(k) for k in keys}},
+        {"model": label, **{k: m_q.get(k) for k in keys}},
     ]
     rows[0]["psnr_vs_fp"], rows[0]["ssim_vs_fp"] = None, 1.0  # FP is the reference: PSNR is infinite
     return Comparison(prompt, int(seed), recipe_name(recipe), fp, q, difference_video(fp, q), rows,
-                      layer_output_errors(model, qt, prompt, int(seed)))
+                      layer_output_errors(model, qt, prompt, int(seed), settings))
 
 
 def comparison_html(c: Comparison) -> str:

@@ -450,7 +450,9 @@ def read_tensors(directory: str | Path, manifest: dict[str, Any]) -> dict[str, t
         dup = set(part) & set(tensors)
         if dup:
             raise _corrupt(f["name"], f"tensor {sorted(dup)[0]!r} appears in two files")
-        tensors.update(part)
+        # fresh (aligned) copies: tensors backed by the file's buffer can sit at unaligned addresses, which
+        # makes CPU kernels round differently from the in-memory model (assign=True keeps what we pass)
+        tensors.update({k: v.clone() for k, v in part.items()})
     return tensors
 
 

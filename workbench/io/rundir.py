@@ -76,18 +76,29 @@ def fp_differences(fp: nn.Module, qstate: dict[str, torch.Tensor]) -> dict[str, 
 
 def _model_info(session) -> tuple[dict[str, Any], list[tuple[str, Any]]]:  # noqa: ANN001
     """The manifest's `model` section and the extra model files to write (relative name, writer)."""
-    from workbench.models.bundled import BUNDLED
+    from workbench.io.checkpoint import module_fingerprint
+    from workbench.models.bundled import BUNDLED, TinyWorldModel
+    from workbench.models.video_pipeline import PipelineGenerator
 
     name = session.model_name
-    bundled = session.can_generate and name in BUNDLED
+    model = session.fp_model
+    bundled = isinstance(model, TinyWorldModel) and name in BUNDLED
+    pipeline = isinstance(model, PipelineGenerator)
     info = {
         "name": name,
         "kind": "text-to-video" if session.can_generate else "transformer",
-        "source": "bundled" if bundled else ("saved" if session.can_generate else "state"),
+        "source": "bundled" if bundled else "pipeline" if pipeline else "saved" if session.can_generate else "state",
         "transformer": _transformer_info(session.fp_transformer),
+        "fingerprint": module_fingerprint(session.fp_transformer),
+        "dtype": str(next(session.fp_transformer.parameters()).dtype).removeprefix("torch."),
     }
     files: list[tuple[str, Any]] = []
-    if session.can_generate and not bundled:
+    if pipeline:
+        if model.path is None:
+            raise ValueError("the session's pipeline was built in memory: save it first (save_pretrained) and load "
+                             "it with PipelineGenerator.from_pretrained, so the run can name its folder")
+        info.update(path=str(model.path), pipeline=type(model.pipeline).__name__, family=model.family)
+    elif session.can_generate and not bundled:
         from safetensors.torch import save_file
 
         model = session.fp_model
@@ -232,12 +243,15 @@ def _fp_transformer(info: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.
 def _text_to_video(manifest: dict[str, Any], d: Path, transformer: nn.Module):
     from safetensors.torch import load_file
 
-    from workbench.models.bundled import TinyWorldModel, load_bundled
+    from workbench.models.bundled import BUNDLED, TinyWorldModel, load_bundled
     from workbench.models.text_encoder import TextEncoder, TextEncoderConfig
     from workbench.world.render import WorldConfig
 
     m = manifest["model"]
     if m["source"] == "bundled":
+        if m.get("name") not in BUNDLED:
+            raise ArtifactError(f"{MANIFEST} names the bundled model {str(m.get('name'))[:40]!r}, which this workbench "
+                                f"does not ship ({', '.join(BUNDLED)})")
         model = load_bundled(m["name"])
         model.transformer = transformer
         return model
@@ -321,11 +335,15 @@ def rebuild_quantized(fp: nn.Module, config, extras: dict[str, Any], state: dict
     return qt.eval()
 
 
-def load_quantized(directory: str | Path) -> tuple[Any, nn.Module, dict[str, Any]]:
+def load_quantized(directory: str | Path, model: str | Path | None = None, device: str | torch.device = "cpu",
+                   dtype: torch.dtype | None = None) -> tuple[Any, nn.Module, dict[str, Any]]:
     """(model, qtransformer, manifest) from a directory written by `save_quantized`.
 
-    model: the FP model (a TinyWorldModel for text-to-video sessions, else the FP transformer);
-    qtransformer: the quantized transformer, ready for `model.generate_many(..., transformer=qtransformer)`.
+    model: the FP model: a Generator for text-to-video runs (the bundled model, the saved tiny model, or the
+    pipeline the run was made from: from the folder the manifest names, or `model` when given; its
+    transformer must be the one that was quantized), else the FP transformer;
+    qtransformer: the quantized transformer, ready for `model.generate(..., transformer=qtransformer)`.
+    device / dtype: where to put both (dtype default: the dtype the run was made in, fp32 on the CPU).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -338,20 +356,62 @@ def load_quantized(directory: str | Path) -> tuple[Any, nn.Module, dict[str, Any
         state = load_file(str(d / STATE_FILE))
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{d / STATE_FILE} is corrupt or truncated: {e}") from None
+    try:
+        config = QuantConfig.from_dict(manifest["quant_config"])
+    except (ValueError, TypeError) as e:
+        raise ArtifactError(f"{d / MANIFEST}: invalid quant_config: {e}") from None
+    m = manifest["model"]
+    if m.get("source") == "pipeline" or model is not None:
+        gen = _pipeline_of(manifest, model, device, dtype)
+        qt = rebuild_quantized(gen.transformer, config, manifest.get("extras") or {}, state, where=str(d / STATE_FILE))
+        return gen, qt, manifest
     fp_state = dict(state)
     if FP_FILE in manifest["files"]:
         try:
             fp_state.update(load_file(str(d / FP_FILE)))
         except (SafetensorError, OSError, ValueError) as e:
             raise ArtifactError(f"{d / FP_FILE} is corrupt or truncated: {e}") from None
-    fp = _fp_transformer(manifest["model"]["transformer"], fp_state)
-    try:
-        config = QuantConfig.from_dict(manifest["quant_config"])
-    except (ValueError, TypeError) as e:
-        raise ArtifactError(f"{d / MANIFEST}: invalid quant_config: {e}") from None
+    fp = _fp_transformer(m["transformer"], fp_state)
+    if dtype is not None:
+        fp.to(dtype=dtype)
     qt = rebuild_quantized(fp, config, manifest.get("extras") or {}, state, where=str(d / STATE_FILE))
-    model = _text_to_video(manifest, d, fp) if manifest["model"]["kind"] == "text-to-video" else fp
-    return model, qt, manifest
+    result = _text_to_video(manifest, d, fp) if m["kind"] == "text-to-video" else fp
+    if device != "cpu":
+        from workbench.models.video_pipeline import parse_device
+
+        dev = parse_device(device)
+        qt.to(dev)
+        result = result.to(dev) if hasattr(result, "to") else result
+    return result, qt, manifest
+
+
+def _pipeline_of(manifest: dict[str, Any], model: str | Path | None, device, dtype):  # noqa: ANN001, ANN202
+    """The FP generator of a run: the pipeline folder the manifest names (or `model`), checked to hold the
+    transformer that was quantized."""
+    from workbench.io.checkpoint import module_fingerprint
+    from workbench.models.loading import load_generator
+
+    m = manifest["model"]
+    path = model if model is not None else m.get("path")
+    if path is None:
+        raise ArtifactError(f"the run's model is {m.get('name')!r} ({m.get('source')}), not a pipeline: leave --model unset")
+    if model is None and not Path(path).is_dir():
+        raise ArtifactError(f"the run was made from the pipeline at {path}, which is not there: pass --model DIR "
+                            "(the same pipeline, copied elsewhere)")
+    dtype = dtype or getattr(torch, str(m.get("dtype", "float32")), torch.float32)
+    if torch.device(device).type == "cpu" and dtype == torch.bfloat16:
+        dtype = torch.float32  # bf16 on the CPU is slow and rounds differently; the run's values load into fp32
+    gen = load_generator(path, device, dtype)
+    fp = gen.transformer
+    info = m.get("transformer") or {}
+    if type(fp).__name__ != info.get("class") or plain(dict(getattr(fp, "config", {}) or {})) != info.get("config"):
+        raise ArtifactError(f"the pipeline at {path} holds a {type(fp).__name__} with another config than the one this "
+                            f"run quantized ({info.get('class')}): pass --model with the pipeline the run was made from")
+    same_dtype = str(next(fp.parameters()).dtype).removeprefix("torch.") == m.get("dtype")
+    if same_dtype and m.get("fingerprint") and module_fingerprint(fp) != m["fingerprint"]:  # (values hash per dtype)
+        raise ArtifactError(f"the transformer weights at {path} are not the ones this run quantized (fingerprint "
+                            "differs): pass --model with the pipeline the run was made from")
+    return gen
 
 
 def load_reports(directory: str | Path) -> list:

@@ -76,6 +76,7 @@ __all__ = [
     "attention_modules",
     "is_attention_module",
     "token_grid",
+    "video_token_slice",
     "layer_role",
     "linear_layers",
     "linear_roles",
@@ -129,6 +130,8 @@ class ArchAdapter:
             list after the other (Hunyuan: all dual-stream, then all single-stream).
         linear_patterns: ``((role, (pattern, ...)), ...)``; first match wins.
         attention_patterns: ``((kind, (pattern, ...)), ...)`` naming the attention modules.
+        joint_text_first: in joint attention (one sequence of text and video tokens), whether the text
+            tokens come first (CogVideoX) or after the video tokens (HunyuanVideo, Mochi).
         notes: free-form remarks about the architecture.
     """
 
@@ -139,6 +142,7 @@ class ArchAdapter:
     attention_patterns: tuple[tuple[str, tuple[str, ...]], ...]
     extra_blocks_attrs: tuple[str, ...] = ()
     interleave_blocks: bool = False
+    joint_text_first: bool = False
     notes: str = ""
 
     def __post_init__(self) -> None:
@@ -271,6 +275,7 @@ WAN = ArchAdapter(
 COGVIDEOX = ArchAdapter(
     name="cogvideox",
     class_name="CogVideoXTransformer3DModel",
+    joint_text_first=True,
     blocks_attr="transformer_blocks",
     linear_patterns=(
         *_attn("transformer_blocks.*.attn1"),
@@ -723,3 +728,13 @@ def token_grid(transformer: nn.Module, latent_shape: tuple[int, ...]) -> tuple[i
         if f % p[0] == 0 and h % p[1] == 0 and w % p[2] == 0:
             return f // p[0], h // p[1], w // p[2]
     return None
+
+
+def video_token_slice(adapter: ArchAdapter, attended: int, video: int) -> slice:
+    """Where the `video` tokens sit among the `attended` tokens of a self / joint attention: all of them
+    when the lengths match, else the end or the start of the joint sequence (`joint_text_first`)."""
+    if attended == video:
+        return slice(0, video)
+    if attended < video:
+        raise ValueError(f"an attention over {attended} tokens cannot cover {video} video tokens")
+    return slice(attended - video, attended) if adapter.joint_text_first else slice(0, video)

@@ -1,76 +1,142 @@
 """The bundled tiny text-to-video model: a trained Wan DiT + our text encoder + a diffusers scheduler.
 
 Weights ship inside the package (`workbench/models/weights/<name>/`) in diffusers' own layout, so
-`WanTransformer3DModel.from_pretrained` reads the transformer directly.
+`WanTransformer3DModel.from_pretrained` reads the transformer directly. `TinyWorldModel` is one
+`Generator` among others: what sets it apart is only that its prompts follow the scene grammar and its
+videos can be checked by the world's oracle (`oracle_scenes`).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file
+from torch import nn
 
+from workbench.models.generator import GenerationSettings, Generator, StepCallback, check_prompts_and_seeds
 from workbench.models.sampler import SamplingConfig, sample
 from workbench.models.text_encoder import TextEncoder, TextEncoderConfig
-from workbench.world.grammar import parse_prompt
+from workbench.world.grammar import Scene, heldout_scenes, parse_prompt
 from workbench.world.render import WorldConfig
 
 WEIGHTS_ROOT = Path(__file__).parent / "weights"
 BUNDLED = ("tiny-world",)
+DEFAULT_STEPS, DEFAULT_GUIDANCE = 16, 3.0
 
 
-@dataclass
-class TinyWorldModel:
-    """Everything needed to turn prompts into videos; `transformer` is what gets quantized."""
+class TinyWorldModel(Generator):
+    """Everything needed to turn prompts into videos of the world; `transformer` is what gets quantized."""
 
-    transformer: WanTransformer3DModel
-    text_encoder: TextEncoder
-    scheduler_config: dict
-    world: WorldConfig = field(default_factory=WorldConfig)
-    name: str = "tiny-world"
+    def __init__(self, transformer: nn.Module, text_encoder: TextEncoder, scheduler_config: dict,
+                 world: WorldConfig | None = None, name: str = "tiny-world") -> None:
+        self._transformer = transformer
+        self.text_encoder = text_encoder
+        self.scheduler_config = scheduler_config
+        self.world = world or WorldConfig()
+        self.name = name
 
-    def generate(self, prompt: str, seed: int = 0, steps: int = 16, guidance: float = 3.0, progress: bool = False) -> torch.Tensor:
-        """One clip (3, F, H, W) in [0, 1] for a prompt of the scene grammar."""
-        return self.generate_many([prompt], [seed], steps=steps, guidance=guidance, progress=progress)[0]
+    @property
+    def transformer(self) -> nn.Module:
+        return self._transformer
+
+    @transformer.setter
+    def transformer(self, module: nn.Module) -> None:
+        self._transformer = module
+
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        return next(self._transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:  # type: ignore[override]
+        return next(self._transformer.parameters()).dtype
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> TinyWorldModel:
+        """Move the transformer (and the text encoder) to `device`, the transformer's weights to `dtype`."""
+        if device is not None:
+            from workbench.models.video_pipeline import parse_device
+
+            dev = parse_device(device)
+            self._transformer.to(dev)
+            self.text_encoder.to(dev)
+        if dtype is not None:
+            self._transformer.to(dtype=dtype)
+        return self
+
+    # -- the Generator interface ------------------------------------------------------------------
+
+    def defaults(self) -> GenerationSettings:
+        w = self.world
+        return GenerationSettings(steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, frames=w.frames, height=w.height,
+                                  width=w.width)
+
+    def check_settings(self, settings: GenerationSettings) -> None:
+        w = self.world
+        wrong = [f"{k}={getattr(settings, k)}" for k, v in (("frames", w.frames), ("height", w.height), ("width", w.width))
+                 if getattr(settings, k) not in (None, v)]
+        if wrong:
+            raise ValueError(f"{self.name} makes exactly {w.frames} frames of {w.height}x{w.width} pixels (its world); "
+                             f"{', '.join(wrong)} is not possible: leave frames/height/width unset")
+
+    def check_prompts(self, prompts: list[str]) -> None:
+        for p in prompts:
+            parse_prompt(p)  # a PromptError listing the vocabulary for any word outside the grammar
+
+    def calibration_prompts(self, n: int, seed: int = 0) -> list[str]:
+        """n training-scene prompts (never held out), seeded, covering every word of the grammar as early as
+        possible (greedy: each pick adds the most unseen words)."""
+        from workbench.world.grammar import training_scenes
+
+        scenes = training_scenes()
+        order = torch.randperm(len(scenes), generator=torch.Generator().manual_seed(seed)).tolist()
+        pool = [scenes[i] for i in order]
+        seen: set[tuple[str, str]] = set()
+        out = []
+        while pool and len(out) < n:
+            best = max(range(len(pool)), key=lambda i: len({(k, v) for k, v in pool[i].as_dict().items()} - seen))
+            scene = pool.pop(best)
+            seen |= set(scene.as_dict().items())
+            out.append(scene.prompt)
+        return out
+
+    def eval_prompts(self) -> list[str]:
+        return [s.prompt for s in heldout_scenes()]
+
+    def oracle_scenes(self, prompts: list[str]) -> list[Scene]:
+        return [parse_prompt(p) for p in prompts]
+
+    def describe(self) -> dict:
+        return {"name": self.name, "class": type(self).__name__, "world": self.world.__dict__}
 
     @torch.no_grad()
-    def generate_many(
+    def generate(
         self,
         prompts: list[str],
         seeds: list[int],
-        steps: int = 16,
-        guidance: float = 3.0,
+        settings: GenerationSettings | None = None,
+        *,
+        transformer: nn.Module | None = None,
         progress: bool = False,
-        transformer: torch.nn.Module | None = None,
-        on_step=None,
+        on_step: StepCallback | None = None,
     ) -> torch.Tensor:
-        """Clips (B, 3, F, H, W); `transformer` swaps in another (e.g. quantized) copy."""
-        if len(prompts) != len(seeds):
-            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
-        for p in prompts:
-            parse_prompt(p)  # clear error for words outside the grammar
+        """Clips (B, 3, F, H, W) in [0, 1]; `transformer` swaps in another (e.g. quantized) copy."""
+        prompts, seeds = check_prompts_and_seeds(prompts, seeds)
+        s = (settings or GenerationSettings()).resolved(self.defaults())
+        self.check_settings(s)
+        self.check_prompts(prompts)
         emb = self.text_encoder.encode(prompts)
         null = self.text_encoder.encode([""])
-        return sample(
-            transformer if transformer is not None else self.transformer,
-            emb,
-            null,
-            list(seeds),
-            self.world,
-            self.scheduler_config,
-            SamplingConfig(steps=steps, guidance=guidance),
-            progress=progress,
-            on_step=on_step,
-        )
+        return sample(transformer if transformer is not None else self._transformer, emb, null, seeds, self.world,
+                      self.scheduler_config, SamplingConfig(steps=s.steps, guidance=s.guidance), progress=progress,
+                      on_step=on_step)
 
     def save(self, directory: str | Path) -> None:
         """Write the bundled layout: transformer/ (diffusers), text_encoder.*, scheduler.json, world.json."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        self.transformer.save_pretrained(d / "transformer", safe_serialization=True)
+        self._transformer.save_pretrained(d / "transformer", safe_serialization=True)
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in self.text_encoder.state_dict().items()}, str(d / "text_encoder.safetensors"))

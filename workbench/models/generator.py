@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,8 +22,11 @@ __all__ = [
     "check_prompts_and_seeds",
     "check_sizes",
     "nearest_valid",
+    "read_prompt_list",
     "shorten",
 ]
+
+PROMPT_DIR = Path(__file__).parent / "prompts"
 
 StepCallback = Callable[[int, float, torch.Tensor], None]
 """``on_step(step_index, timestep, latents)``: called once per denoising step, after the scheduler step."""
@@ -158,6 +162,20 @@ def check_prompts_and_seeds(prompts: Sequence[str], seeds: Sequence[int]) -> tup
     return prompts, seeds
 
 
+def read_prompt_list(path: Path) -> list[str]:
+    """Prompts of a packaged list, one a line ('#' comments and blank lines skipped)."""
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if line]
+
+
+def _choose(pool: list[str], n: int, seed: int) -> list[str]:
+    """n prompts of `pool` in a seeded order (cycling when n exceeds the pool)."""
+    if n < 1:
+        raise ValueError(f"the number of prompts must be >= 1, got {n}")
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [pool[order[i % len(pool)]] for i in range(n)]
+
+
 def shorten(text: str, limit: int = 80) -> str:
     """``text`` cut to ``limit`` characters for an error message."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -191,6 +209,28 @@ class Generator(abc.ABC):
     @abc.abstractmethod
     def check_prompts(self, prompts: list[str]) -> None:
         """Raise :class:`PromptTooLongError` for a prompt longer than the text encoder takes."""
+
+    def check_settings(self, settings: GenerationSettings) -> None:
+        """Raise ValueError naming the nearest valid values when the settings' sizes do not fit the model."""
+
+    # -- prompt sets: what calibration and evaluation use unless the user passes their own -------------
+
+    def calibration_prompts(self, n: int, seed: int = 0) -> list[str]:
+        """n calibration prompts (seeded choice), disjoint from `eval_prompts()`."""
+        return _choose(read_prompt_list(PROMPT_DIR / "calibration.txt"), n, seed)
+
+    def eval_prompts(self) -> list[str]:
+        """The held-out prompt set of evaluation (never used for calibration)."""
+        return read_prompt_list(PROMPT_DIR / "evaluation.txt")
+
+    def oracle_scenes(self, prompts: list[str]) -> list | None:
+        """The scenes an oracle can check videos of these prompts against (`workbench.metrics.oracle`), or None
+        when the model has no oracle (any real video model): metrics then compare with the FP videos only."""
+        return None
+
+    def describe(self) -> dict:
+        """Plain data naming the model for manifests and reports."""
+        return {"name": self.name, "class": type(self).__name__}
 
     @abc.abstractmethod
     def generate(

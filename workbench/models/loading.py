@@ -37,6 +37,7 @@ __all__ = [
     "LoadedModel",
     "ModelLoadError",
     "load",
+    "load_generator",
     "load_pipeline",
 ]
 
@@ -471,3 +472,46 @@ def load_pipeline(
         if isinstance(module, nn.Module) and getattr(pipe, name, None) is not module:
             pipe.register_modules(**{name: module})
     return pipe
+
+
+def load_generator(
+    path_or_name: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+):
+    """A text-to-video `Generator` from a bundled name or a local diffusers pipeline folder (never the network).
+
+    The bundled model loads in fp32 unless `dtype` says otherwise; a pipeline in `dtype` (default fp32 on
+    the CPU, bf16 on CUDA). A folder holding only a transformer cannot generate: the error says to pass its
+    pipeline folder. A CUDA device where there is none is an error naming the fix.
+    """
+    from workbench.models.video_pipeline import PipelineGenerator, parse_device
+
+    if dtype is not None:
+        _check_dtype(dtype)
+    try:
+        dev = parse_device(device)
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
+    text = os.fspath(path_or_name) if isinstance(path_or_name, (str, os.PathLike)) else None
+    if not isinstance(text, str):
+        raise ModelLoadError(f"Expected a model name or a local directory path, got {type(path_or_name).__name__}.")
+    if text in BUNDLED_NAMES:
+        from workbench.models.bundled import load_bundled
+
+        return load_bundled(text).to(dev, dtype)
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise _missing_path_error(text, path.absolute())
+    if path.is_dir() and (path / MODEL_INDEX_NAME).is_file():
+        try:
+            return PipelineGenerator.from_pretrained(path, dev, dtype or (torch.bfloat16 if dev.type == "cuda"
+                                                                          else torch.float32))
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from None
+    if path.is_dir() and (path / CONFIG_NAME).is_file():
+        raise ModelLoadError(
+            f"{path} holds a diffusers transformer alone; generating videos needs its whole pipeline (text encoder, "
+            f"VAE, scheduler): pass the pipeline folder, the one with {MODEL_INDEX_NAME}")
+    raise ModelLoadError(f"{path} is not a video pipeline folder (no {MODEL_INDEX_NAME}); pass a folder saved with "
+                         f"DiffusionPipeline.save_pretrained() or a bundled name ({', '.join(BUNDLED_NAMES)})")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import re
 import string
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .generator import GenerationSettings
+from .generator import PROMPT_DIR, GenerationSettings, read_prompt_list
 
 __all__ = [
     "FAMILIES",
@@ -147,7 +148,7 @@ def _cogvideox(size: str, vocab: int) -> dict[str, dict[str, Any]]:
         transformer=dict(
             num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
             text_embed_dim=32, num_layers=2, sample_width=4, sample_height=4, sample_frames=9, patch_size=2,
-            temporal_compression_ratio=4, max_text_seq_length=16, use_rotary_positional_embeddings=True,
+            temporal_compression_ratio=4, max_text_seq_length=32, use_rotary_positional_embeddings=True,
         ),
         vae=dict(
             block_out_channels=(8, 8, 16, 16), latent_channels=4, layers_per_block=1, norm_num_groups=4,
@@ -155,7 +156,7 @@ def _cogvideox(size: str, vocab: int) -> dict[str, dict[str, Any]]:
         ),
         text_encoder=_tiny_t5(vocab, 32),
         scheduler=dict(_COGVIDEOX_2B_SCHEDULER),
-        tokenizer=dict(model_max_length=16),
+        tokenizer=dict(model_max_length=32),
     )  # fmt: skip
 
 
@@ -340,6 +341,11 @@ _WORDS = tuple(dict.fromkeys((
     "mountain sky sun moon cloud clouds rain snow night day light dark water fire field garden house "
     "room table window camera view shot close scene video is are background sunset motion"
 ).split()))
+# ... plus every word of the packaged calibration / evaluation prompt lists, so those prompts tokenize to
+# about one token a word and fit the tiny text encoders
+_WORDS = tuple(dict.fromkeys(_WORDS + tuple(
+    w for name in ("calibration.txt", "evaluation.txt")
+    for p in read_prompt_list(PROMPT_DIR / name) for w in re.findall(r"[a-z]+", p.lower()))))
 _CHARS = string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation
 
 

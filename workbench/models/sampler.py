@@ -55,7 +55,8 @@ def sample(
 ) -> torch.Tensor:
     """Denoise from seeded noise to clips (B, 3, F, H, W) in [0, 1].
 
-    `on_step(i, timestep, latents)` is called before each transformer call (calibration hooks use it).
+    `on_step(i, timestep, latents)` is called after each scheduler step with the new latents (the
+    `Generator.generate` contract; calibration records the transformer's own inputs with hooks instead).
     """
     device = next(transformer.parameters()).device
     dtype = next(transformer.parameters()).dtype
@@ -68,8 +69,6 @@ def sample(
     cond = cond.to(device=device, dtype=dtype)
     in_channels = int(getattr(getattr(transformer, "config", None), "in_channels", x.shape[1]))
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False)):
-        if on_step is not None:
-            on_step(i, float(t), x)
         inp = torch.cat([x, x]) if guided else x
         inp = with_coordinate_channels(inp, in_channels).to(dtype)
         v = transformer(inp, t.expand(inp.shape[0]), cond, return_dict=False)[0].float()
@@ -82,4 +81,6 @@ def sample(
                 "the model or its quantization diverged: check the recipe's bit-widths and ranges"
             )
         x = scheduler.step(v, t, x, return_dict=False)[0]
+        if on_step is not None:
+            on_step(i, float(t), x)
     return ((x + 1.0) / 2.0).clamp(0.0, 1.0)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from workbench.models.generator import GenerationSettings
 from workbench.models.bundled import TinyWorldModel
 from workbench.models.text_encoder import TextEncoder, tokenize
 from workbench.models.tiny_dit import SCHEDULER_CONFIG, build_transformer, with_coordinate_channels
@@ -116,7 +117,7 @@ def evaluate(model: TinyWorldModel, steps: int, seeds_per_prompt: int) -> dict:
     for split, scenes in (("heldout", heldout_scenes()), ("seen", seen)):
         sc = [s for s in scenes for _ in range(seeds_per_prompt)]
         seeds = [1000 + i for i in range(len(sc))]
-        videos = model.generate_many([s.prompt for s in sc], seeds, steps=steps).cpu()
+        videos = model.generate([s.prompt for s in sc], seeds, GenerationSettings(steps=steps)).cpu()
         r = oracle_scores(videos, sc)
         out[split] = {"oracle_accuracy": float(r.oracle_accuracy), "exact_match": float(r.exact_match),
                       "per_attribute": {k: float(v) for k, v in r.per_attribute.items()}}

@@ -268,6 +268,7 @@ class PipelineGenerator(Generator):
         self.pipeline = pipeline
         self.family = self.spec.family
         self.name = name or self.family
+        self.path: Path | None = None  # the folder it was loaded from (what a saved run names)
         self._overrides = defaults
         self.pipeline.set_progress_bar_config(disable=True)
 
@@ -301,7 +302,9 @@ class PipelineGenerator(Generator):
                     f"component in {MODEL_INDEX} is complete on disk (nothing can be downloaded)."
                 ) from exc
         pipe.to(dev)
-        return cls(pipe, name=name or directory.resolve().name, defaults=overrides)
+        gen = cls(pipe, name=name or directory.resolve().name, defaults=overrides)
+        gen.path = directory.resolve()
+        return gen
 
     def save_pretrained(self, path: str | os.PathLike[str]) -> Path:
         """``pipeline.save_pretrained(path)``, plus ``generation_defaults.json`` when defaults were given."""
@@ -314,6 +317,15 @@ class PipelineGenerator(Generator):
         return out
 
     # -- attributes -----------------------------------------------------------------------------
+
+    @property
+    def one_prompt_per_call(self) -> bool:
+        """True for pipelines whose videos depend on the batch (Latte): callers generate one prompt a call."""
+        return bool(self.spec.one_prompt_per_call)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "class": type(self).__name__, "pipeline": type(self.pipeline).__name__,
+                "family": self.family, "path": None if self.path is None else str(self.path)}
 
     @property
     def transformer(self) -> nn.Module:

@@ -274,16 +274,21 @@ def run_recipe(model: Any, recipe: str | Path | Recipe, progress: bool = False, 
     else:
         session, done = Session.start(model, seed=seed, progress=progress), 0
         session.recipe = {"name": recipe.name, "recipe": recipe.to_dict()}
-    for i, (name, info, settings) in enumerate(tqdm(plan, desc=f"recipe {recipe.name}", disable=not progress)):
-        if i < done:
-            continue
-        if run is not None and "checkpoint_dir" in {f.name for f in dataclasses.fields(info.settings)} \
-                and settings.get("checkpoint_dir") is None:
-            settings["checkpoint_dir"] = str(run.stage_dir(i, name))
-        info.fn(session, info.settings(**settings))
-        if run is not None:
-            run.snapshot(session, i)
-            interrupt.check(where=f"after stage {i + 1}/{len(plan)} ({name})")
+    try:
+        for i, (name, info, settings) in enumerate(tqdm(plan, desc=f"recipe {recipe.name}", disable=not progress)):
+            if i < done:
+                continue
+            if run is not None and "checkpoint_dir" in {f.name for f in dataclasses.fields(info.settings)} \
+                    and settings.get("checkpoint_dir") is None:
+                settings["checkpoint_dir"] = str(run.stage_dir(i, name))
+            info.fn(session, info.settings(**settings))
+            if run is not None:
+                run.snapshot(session, i)
+                interrupt.check(where=f"after stage {i + 1}/{len(plan)} ({name})")
+    except BaseException:
+        if run is not None and not run.has_progress():
+            run.discard()  # nothing to resume: leave no folder that reads as an unfinished run
+        raise
     return session
 
 
@@ -331,6 +336,11 @@ class ResumableRun:
     @property
     def snapshot_path(self) -> Path:
         return self.directory / "session"  # session.json + session.safetensors
+
+    def has_progress(self) -> bool:
+        """True once a snapshot or a stage checkpoint exists (something a rerun would resume)."""
+        return self.snapshot_path.with_suffix(".json").is_file() or any(
+            f.is_file() for d in self.directory.glob("stage[0-9][0-9]-*") for f in d.iterdir())
 
     def stage_dir(self, index: int, name: str) -> Path:
         return self.directory / f"stage{index + 1:02d}-{name}"

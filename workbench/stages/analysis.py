@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from workbench.quant import QuantConfig, QuantSpec, Quantizer, calibrate_model, quantize_model
 from workbench.quant.formats import fake_quant, scale_zero_from_range
+from workbench.models.generator import GenerationSettings
 from workbench.session import Session
 from workbench.stages.layer_groups import block_of, layer_groups, only_quantized, rel_mse
 from workbench.stages.calibration import CalibrationSettings, calibration_prompts, capturing_inputs, collect_calibration
@@ -64,7 +65,8 @@ class AnalysisSettings:
         (with guidance, 2 rows = the conditional and unconditional call of one prompt).
     sample_rows: token rows kept per layer and timestep to estimate quantization errors.
     grouping: layer groups of the sensitivity analysis: "block", "role", "layer" or "block_all".
-    prompts / steps / guidance: the generated prompt set of the sensitivity analysis (training scenes).
+    prompts / steps / guidance: the generated prompt set of the sensitivity analysis (calibration prompts of
+        the model, never its held-out set); frames / height / width: its video size (None: the model's).
     max_groups: analyse only the first groups (None: all).
     top_layers: layers (largest token range ratio) whose per-token range maps are kept for plots.
     """
@@ -84,7 +86,10 @@ class AnalysisSettings:
     grouping: str = "block"
     prompts: int = 2
     steps: int = 8
-    guidance: float = 3.0
+    guidance: float | None = 3.0
+    frames: int | None = None
+    height: int | None = None
+    width: int | None = None
     max_groups: int | None = None
     top_layers: int = 4
     calibration_prompts: int = 4
@@ -92,6 +97,12 @@ class AnalysisSettings:
     def __post_init__(self) -> None:
         if self.timesteps < 1 or self.error_timesteps < 1 or self.prompts < 1 or self.steps < 1 or self.sample_rows < 1:
             raise ValueError("timesteps, prompts, steps and sample_rows must be >= 1")
+        self.generation()
+
+    def generation(self) -> GenerationSettings:
+        """Sampler settings of the sensitivity videos (and of a calibration this stage collects itself)."""
+        return GenerationSettings(steps=self.steps, guidance=self.guidance, frames=self.frames, height=self.height,
+                                  width=self.width)
 
 
 def probe_config(session: Session, s: AnalysisSettings) -> QuantConfig:
@@ -107,7 +118,8 @@ def analyze_error_sources(session: Session, settings: AnalysisSettings | None = 
     s = settings or AnalysisSettings()
     t0 = time.perf_counter()
     if session.calibration is None:
-        collect_calibration(session, CalibrationSettings(prompts=s.calibration_prompts, steps=s.steps, guidance=s.guidance))
+        collect_calibration(session, CalibrationSettings(prompts=s.calibration_prompts, steps=s.steps, guidance=s.guidance,
+                                                         frames=s.frames, height=s.height, width=s.width))
     fp = session.fp_transformer
     config = probe_config(session, s)
     layers = config.layers_of(fp)
@@ -377,26 +389,33 @@ def _motion_acc(m: dict) -> float:
     return (m["direction_accuracy"] + m["speed_accuracy"]) / 2
 
 
-def sensitivity_prompts(n: int, seed: int) -> list[str]:
-    """The sensitivity analysis' prompts: training scenes covering the grammar (disjoint from held-out)."""
-    return calibration_prompts(n, seed + 1)
+def sensitivity_prompts(model, n: int, seed: int) -> list[str]:  # noqa: ANN001
+    """The sensitivity analysis' prompts: calibration prompts of the model (disjoint from its held-out set)."""
+    return calibration_prompts(model, n, seed + 1)
 
 
 @torch.no_grad()
 def _sensitivity(session: Session, probe, groups: dict[str, list[str]], s: AnalysisSettings):
+    """ViDiT-Q's metric-decoupled sensitivity: each group quantized alone, its videos scored for content and
+    for temporal damage. With an oracle (the world model) content is colour + shape accuracy and temporal
+    damage the loss of direction + speed accuracy and temporal consistency; without one, content damage is
+    1 - SSIM against the FP video and temporal damage the frame-difference error against FP."""
     from workbench.metrics import evaluate_videos
-    from workbench.world.grammar import parse_prompt
 
     model = session.fp_model
-    prompts = sensitivity_prompts(s.prompts, session.seed)
-    scenes = [parse_prompt(p) for p in prompts]
+    prompts = sensitivity_prompts(model, s.prompts, session.seed)
+    scenes = model.oracle_scenes(prompts)
     seeds = [session.seed + 20_000 + i for i in range(len(prompts))]
+    gen_settings = s.generation()
 
     def gen(transformer=None):
-        return model.generate_many(prompts, seeds, steps=s.steps, guidance=s.guidance, transformer=transformer)
+        return model.generate(prompts, seeds, gen_settings, transformer=transformer)
 
     fp_videos = gen()
-    fp_m = evaluate_videos(fp_videos, scenes)
+    fp_m = evaluate_videos(fp_videos, scenes) if scenes is not None else {
+        "content_acc": 1.0, "motion_acc": 1.0, "temporal_consistency": 1.0}
+    if scenes is not None:
+        fp_m = {**fp_m, "content_acc": _content_acc(fp_m), "motion_acc": _motion_acc(fp_m)}
 
     def measure(members: list[str] | None) -> dict[str, float]:
         try:
@@ -408,6 +427,11 @@ def _sensitivity(session: Session, probe, groups: dict[str, list[str]], s: Analy
         except FloatingPointError:
             return {"diverged": 1.0, "content_acc": 0.0, "psnr_vs_fp": 0.0, "ssim_vs_fp": 0.0, "motion_acc": 0.0,
                     "temporal_consistency": 0.0, "oracle_accuracy": 0.0}
+        if scenes is None:  # no oracle: damage measured against the FP videos of the same prompts and seeds
+            m = evaluate_videos(videos, reference=fp_videos)
+            return {"diverged": 0.0, "content_acc": m["ssim_vs_fp"], "psnr_vs_fp": m["psnr_vs_fp"],
+                    "ssim_vs_fp": m["ssim_vs_fp"], "motion_acc": 1.0 - m["temporal_diff_error_vs_fp"],
+                    "temporal_consistency": 1.0, "oracle_accuracy": None}
         m = evaluate_videos(videos, scenes, reference=fp_videos)
         return {"diverged": 0.0, "content_acc": _content_acc(m), "psnr_vs_fp": m["psnr_vs_fp"], "ssim_vs_fp": m["ssim_vs_fp"],
                 "motion_acc": _motion_acc(m), "temporal_consistency": m["temporal_consistency"],
@@ -417,8 +441,8 @@ def _sensitivity(session: Session, probe, groups: dict[str, list[str]], s: Analy
     for name, members in tqdm(groups.items(), desc="sensitivity (videos)", disable=not session.progress, leave=False):
         m = measure(members)
         params = sum(probe.get_submodule(n).weight.numel() for n in members if hasattr(probe.get_submodule(n), "weight"))
-        content_drop = _content_acc(fp_m) - m["content_acc"]
-        motion_drop = _motion_acc(fp_m) - m["motion_acc"]
+        content_drop = fp_m["content_acc"] - m["content_acc"]
+        motion_drop = fp_m["motion_acc"] - m["motion_acc"]
         tc_drop = fp_m["temporal_consistency"] - m["temporal_consistency"]
         rows.append({
             "group": name,
@@ -442,8 +466,8 @@ def _sensitivity(session: Session, probe, groups: dict[str, list[str]], s: Analy
     all_q = measure(None)
     extra = {
         "groups": float(len(rows)),
-        "fp_content_acc": _content_acc(fp_m),
-        "fp_motion_acc": _motion_acc(fp_m),
+        "fp_content_acc": fp_m["content_acc"],
+        "fp_motion_acc": fp_m["motion_acc"],
         "fp_temporal_consistency": fp_m["temporal_consistency"],
         "probe_all_psnr_vs_fp": all_q["psnr_vs_fp"],
         "probe_all_content_acc": all_q["content_acc"],

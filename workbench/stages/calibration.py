@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from workbench.models.generator import GenerationSettings
 from workbench.session import Session
 from workbench.stages.registry import stage
 from workbench.stages.report import StageReport
@@ -94,7 +95,8 @@ class CalibrationEntry:
     timestep: float
     args: tuple
     kwargs: dict
-    batch: int  # rows in the call (prompts x 2 with classifier-free guidance)
+    batch: int  # rows in the call (prompts x 2 with classifier-free guidance batched into one call)
+    prompt_ids: list[int] | None = None  # row -> index into the cache's prompts (None: unknown)
 
     @property
     def nbytes(self) -> int:
@@ -111,8 +113,9 @@ class CalibrationEntry:
 
     def take(self, idx: torch.Tensor) -> CalibrationEntry:
         """This call restricted to rows `idx` (in that order)."""
+        ids = None if self.prompt_ids is None else [self.prompt_ids[int(i)] for i in idx]
         return CalibrationEntry(self.step, self.timestep, _rows(self.args, self.batch, idx),
-                                _rows(self.kwargs, self.batch, idx), int(idx.numel()))
+                                _rows(self.kwargs, self.batch, idx), int(idx.numel()), ids)
 
 
 @dataclass
@@ -164,7 +167,7 @@ class CalibrationCache:
     def to_tree(self) -> dict[str, Any]:
         """The cache as nested plain data and tensors (what `workbench.io.checkpoint.pack` stores)."""
         return {"entries": [{"step": e.step, "timestep": e.timestep, "args": e.args, "kwargs": e.kwargs,
-                             "batch": e.batch} for e in self.entries],
+                             "batch": e.batch, "prompt_ids": e.prompt_ids} for e in self.entries],
                 "prompts": list(self.prompts), "seeds": list(self.seeds), "steps": self.steps,
                 "guidance": self.guidance, "layer_inputs": dict(self.layer_inputs)}
 
@@ -172,7 +175,7 @@ class CalibrationCache:
     def from_tree(cls, tree: dict[str, Any]) -> CalibrationCache:
         """Inverse of `to_tree`."""
         entries = [CalibrationEntry(int(e["step"]), float(e["timestep"]), tuple(e["args"]), dict(e["kwargs"]),
-                                    int(e["batch"])) for e in tree["entries"]]
+                                    int(e["batch"]), e.get("prompt_ids")) for e in tree["entries"]]
         return cls(entries, list(tree["prompts"]), [int(x) for x in tree["seeds"]], int(tree["steps"]),
                    float(tree["guidance"]), dict(tree["layer_inputs"]))
 
@@ -226,35 +229,25 @@ def capturing_inputs(model: nn.Module, names: list[str], fn: Callable[[str, torc
 # prompts
 
 
-def calibration_prompts(n: int, seed: int = 0) -> list[str]:
-    """n prompts from the training scenes (disjoint from the held-out set), seeded, covering every word
-    of the grammar as early as possible (greedy: each pick adds the most unseen words)."""
-    from workbench.world.grammar import training_scenes
-
-    scenes = training_scenes()
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(scenes), generator=g).tolist()
-    pool = [scenes[i] for i in order]
-    seen: set[tuple[str, str]] = set()
-    out = []
-    while pool and len(out) < n:
-        best = max(range(len(pool)), key=lambda i: len({(k, v) for k, v in pool[i].as_dict().items()} - seen))
-        s = pool.pop(best)
-        seen |= set(s.as_dict().items())
-        out.append(s.prompt)
-    return out
+def calibration_prompts(model, n: int, seed: int = 0) -> list[str]:  # noqa: ANN001
+    """n calibration prompts of the model (`Generator.calibration_prompts`: disjoint from its evaluation set)."""
+    return model.calibration_prompts(n, seed)
 
 
-def _check_prompts(prompts: list[str]) -> None:
-    from workbench.world.grammar import heldout_scenes, parse_prompt
-
-    held = {s for s in heldout_scenes()}
-    bad = [p for p in prompts if parse_prompt(p) in held]
+def _check_prompts(model, prompts: list[str]) -> None:  # noqa: ANN001
+    model.check_prompts(prompts)
+    held = set(model.eval_prompts())
+    bad = [p for p in prompts if p in held or _scene_key(model, p) in {_scene_key(model, h) for h in held}]
     if bad:
         raise ValueError(
-            f"calibration prompts must not come from the held-out evaluation set; {bad[0]!r} is held out. "
-            "Use prompts of workbench.world.grammar.training_scenes()"
-        )
+            f"calibration prompts must not come from the held-out evaluation set; {bad[0][:80]!r} is held out. "
+            "Leave prompt_list unset (the model's calibration prompts) or pass prompts of your own")
+
+
+def _scene_key(model, prompt: str):  # noqa: ANN001, ANN202
+    """What makes two prompts the same for the model: its oracle's scene when it has one, else the text."""
+    scenes = model.oracle_scenes([prompt])
+    return scenes[0] if scenes else prompt
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -265,9 +258,10 @@ def _check_prompts(prompts: list[str]) -> None:
 class CalibrationSettings:
     """Which trajectories to record.
 
-    prompts: number of training-scene prompts (ignored when `prompt_list` is given).
+    prompts: number of the model's calibration prompts (ignored when `prompt_list` is given).
     prompt_list: explicit prompts (must not be held-out ones).
-    steps / guidance: sampler settings of the trajectories.
+    steps / guidance: sampler settings of the trajectories (None: the model's defaults).
+    frames / height / width: video size of the trajectories (None: what the model was made for).
     batch_size: prompts per sampling call.
     max_mb: memory bound of the cache (see module docstring).
     layer_inputs: also keep a bounded sample of every quantizable linear layer's input activations.
@@ -278,8 +272,11 @@ class CalibrationSettings:
 
     prompts: int = 8
     prompt_list: list[str] | None = None
-    steps: int = 8
-    guidance: float = 3.0
+    steps: int | None = 8
+    guidance: float | None = 3.0
+    frames: int | None = None
+    height: int | None = None
+    width: int | None = None
     batch_size: int = 8
     max_mb: float = 256.0
     layer_inputs: bool = False
@@ -289,12 +286,17 @@ class CalibrationSettings:
     def __post_init__(self) -> None:
         if self.prompt_list is None and self.prompts < 1:
             raise ValueError(f"prompts must be >= 1, got {self.prompts}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        self.generation()  # steps / guidance / sizes checked by GenerationSettings
         if self.max_mb <= 0:
             raise ValueError(f"max_mb must be > 0, got {self.max_mb}")
         if self.batch_size < 1 or self.layer_rows < 1:
             raise ValueError("batch_size and layer_rows must be >= 1")
+
+
+    def generation(self) -> GenerationSettings:
+        """The sampler settings of the trajectories (None fields: the model's defaults)."""
+        return GenerationSettings(steps=self.steps, guidance=self.guidance, frames=self.frames, height=self.height,
+                                  width=self.width)
 
 
 def _kept_steps(steps: int, keep: int) -> set[int]:
@@ -310,39 +312,45 @@ def collect_calibration(session: Session, settings: CalibrationSettings | None =
     session.require_generator("collect_calibration")
     t0 = time.perf_counter()
     model = session.fp_model
-    prompts = list(s.prompt_list) if s.prompt_list is not None else calibration_prompts(s.prompts, session.seed)
-    _check_prompts(prompts)
+    gen = s.generation().resolved(model.defaults())
+    model.check_settings(gen)
+    prompts = list(s.prompt_list) if s.prompt_list is not None else calibration_prompts(model, s.prompts, session.seed)
+    _check_prompts(model, prompts)
     seeds = [session.seed + s.seed_offset + i for i in range(len(prompts))]
-    cache = CalibrationCache(prompts=prompts, seeds=seeds, steps=s.steps, guidance=s.guidance)
+    cache = CalibrationCache(prompts=prompts, seeds=seeds, steps=gen.steps, guidance=gen.guidance)
     budget = int(s.max_mb * 2**20)
-    n_batches = math.ceil(len(prompts) / s.batch_size)
-    keep: set[int] = set(range(s.steps))
+    batch_size = 1 if getattr(model, "one_prompt_per_call", False) else s.batch_size
+    n_batches = math.ceil(len(prompts) / batch_size)
+    keep: set[int] = set(range(gen.steps))
     notes: list[str] = []
+    seen = {"t": None, "step": -1, "first": 0, "n": 0}  # the current generate call's step counter and prompts
 
     def sink(args: tuple, kwargs: dict) -> None:
         nonlocal keep
-        step = len(calls)
-        calls.append(None)
-        entry = CalibrationEntry(step, 0.0, _to_cpu(args), _to_cpu({k: v for k, v in kwargs.items()}), 0)
-        ts = _find_timestep(entry)
-        entry.timestep = ts
+        entry = CalibrationEntry(0, 0.0, _to_cpu(args), _to_cpu({k: v for k, v in kwargs.items()}), 0)
+        entry.timestep = _find_timestep(entry)
         entry.batch = _batch_of(entry)
-        if not cache.entries and step == 0:
-            # plan the memory: every batch records `steps` calls of about this size
+        if entry.timestep != seen["t"]:  # a new denoising step (a model may call its transformer twice a step)
+            seen["t"], seen["step"] = entry.timestep, seen["step"] + 1
+        entry.step = seen["step"]
+        ids = list(range(seen["first"], seen["first"] + seen["n"]))
+        entry.prompt_ids = ids * (entry.batch // len(ids)) if entry.batch % len(ids) == 0 else None
+        if not cache.entries and entry.step == 0:
+            # plan the memory: every batch records `steps` steps of about this size
             per = max(entry.nbytes, 1)
             fit = max(1, budget // (per * n_batches))
-            if fit < s.steps:
-                keep = _kept_steps(s.steps, fit)
-                notes.append(f"max_mb={s.max_mb} keeps {len(keep)} of {s.steps} steps per trajectory")
-        if step in keep and cache.nbytes + entry.nbytes <= budget:
+            if fit < gen.steps:
+                keep = _kept_steps(gen.steps, fit)
+                notes.append(f"max_mb={s.max_mb} keeps {len(keep)} of {gen.steps} steps per trajectory")
+        if entry.step in keep and cache.nbytes + entry.nbytes <= budget:
             cache.entries.append(entry)
 
     transformer = session.fp_transformer
-    batches = range(0, len(prompts), s.batch_size)
-    for i in tqdm(batches, desc="calibration trajectories", disable=not session.progress, leave=False):
-        calls: list[None] = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc="calibration trajectories", disable=not session.progress,
+                  leave=False):
+        seen.update(t=None, step=-1, first=i, n=len(prompts[i:i + batch_size]))
         with recording_calls(transformer, sink):
-            model.generate_many(prompts[i:i + s.batch_size], seeds[i:i + s.batch_size], steps=s.steps, guidance=s.guidance)
+            model.generate(prompts[i:i + batch_size], seeds[i:i + batch_size], gen)
     if s.layer_inputs:
         collect_layer_inputs(session, rows=s.layer_rows, cache=cache, max_bytes=budget - cache.nbytes)
     session.calibration = cache

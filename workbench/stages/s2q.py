@@ -351,9 +351,11 @@ def attention_weights(attn: torch.Tensor, keep_ratio: float = 1.0, mix: float = 
 
 def attention_token_fn(session: Session, keep_ratio: float, mix: float) -> Callable:
     """token_weights callback of run_distillation: FP self-attention received per token, as weights."""
-    from workbench.models.adapters import attention_modules
+    from workbench.models.adapters import adapter_for, attention_modules, video_token_slice
     from workbench.quant.attention import AttentionSpec, capturing_attention, wrap_attention
+    from workbench.stages.distill.rows import output_tensor
 
+    adapter = adapter_for(session.fp_transformer)
     self_att = list(attention_modules(session.fp_transformer, kinds=("self", "joint", "temporal")))
     raw: dict[str, torch.Tensor] = {}
 
@@ -374,6 +376,8 @@ def attention_token_fn(session: Session, keep_ratio: float, mix: float) -> Calla
                 per = [torch.cat(cap[a]).float().mean(1) for a in names if cap.get(a)]
                 outs.append(torch.stack(per).mean(0).cpu())
         attn = torch.cat(outs)
+        video = output_tensor(blk(**batch_fn(torch.arange(1)))).shape[1]  # tokens of the block's output
+        attn = attn[:, video_token_slice(adapter, attn.shape[1], video)]
         raw[unit] = attn
         return attention_weights(attn, keep_ratio, mix)
 
