@@ -47,9 +47,31 @@ def test_held_out_prompt_is_refused():
         collect_calibration(session, CalibrationSettings(prompt_list=[heldout_scenes()[0].prompt], steps=1))
 
 
+def test_calls_past_the_memory_bound_spill_to_disk(tmp_path):
+    """A cache larger than max_mb keeps every call: the rest on disk, read back bit for bit when replayed,
+    and through a session snapshot (what a resumed run restores)."""
+    from workbench.io.snapshot import restore_snapshot, save_snapshot
+
+    kw = dict(prompt_list=PROMPTS, steps=3)
+    ref = Session.start(tiny_world_model())
+    collect_calibration(ref, CalibrationSettings(**kw))
+    s = Session.start(tiny_world_model())
+    r = collect_calibration(s, CalibrationSettings(**kw, max_mb=0.25, spill_dir=str(tmp_path / "spill")))
+    cal = s.calibration
+    assert len(cal.entries) == len(ref.calibration.entries) == 3 and cal.nbytes <= 0.25 * 2**20
+    assert any(e.path for e in cal.entries) and r.summary["disk_mb"] > 0 and list((tmp_path / "spill").glob("*.json"))
+    a, b = (c.replay(s.fp_transformer) for c in (cal, ref.calibration))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    save_snapshot(s, tmp_path / "snap", "fp", 0)
+    back, _ = restore_snapshot(tiny_world_model(), tmp_path / "snap", "fp")
+    assert [e.path for e in back.calibration.entries] == [e.path for e in cal.entries]
+    assert torch.equal(back.calibration.replay(s.fp_transformer)[2], b[2])
+
+
 def test_memory_bound_keeps_fewer_steps():
     session = Session.start(tiny_world_model())
-    r = collect_calibration(session, CalibrationSettings(prompt_list=PROMPTS[:1], steps=4, guidance=1.0, max_mb=0.3))
+    r = collect_calibration(session, CalibrationSettings(prompt_list=PROMPTS[:1], steps=4, guidance=1.0, max_mb=0.3,
+                                                         spill=False))
     cal = session.calibration
     assert cal.nbytes <= 0.3 * 2**20
     assert 1 <= len(cal.entries) < 4 and r.summary["kept_steps"] == len(cal.entries)

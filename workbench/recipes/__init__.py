@@ -278,9 +278,10 @@ def run_recipe(model: Any, recipe: str | Path | Recipe, progress: bool = False, 
         for i, (name, info, settings) in enumerate(tqdm(plan, desc=f"recipe {recipe.name}", disable=not progress)):
             if i < done:
                 continue
-            if run is not None and "checkpoint_dir" in {f.name for f in dataclasses.fields(info.settings)} \
-                    and settings.get("checkpoint_dir") is None:
-                settings["checkpoint_dir"] = str(run.stage_dir(i, name))
+            fields = {f.name for f in dataclasses.fields(info.settings)}
+            for key in ("checkpoint_dir", "spill_dir"):  # long stages keep their files in the run's folder
+                if run is not None and key in fields and settings.get(key) is None:
+                    settings[key] = str(run.stage_dir(i, name))
             info.fn(session, info.settings(**settings))
             if run is not None:
                 run.snapshot(session, i)

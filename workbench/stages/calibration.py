@@ -19,7 +19,9 @@ they cost `layer_rows x in_features x 4` bytes per layer and also count against 
 from __future__ import annotations
 
 import math
+import tempfile
 import time
+from pathlib import Path
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
@@ -30,6 +32,8 @@ from tqdm.auto import tqdm
 
 from workbench.models.generator import GenerationSettings
 from workbench.session import Session
+
+SPILL_FINGERPRINT = "calibration-entry"
 from workbench.stages.registry import stage
 from workbench.stages.report import StageReport
 from workbench.viz.stage_figures import calibration_figures
@@ -89,18 +93,53 @@ def _rows(x: Any, batch: int, idx: torch.Tensor) -> Any:
 
 @dataclass
 class CalibrationEntry:
-    """One recorded transformer call: positional args and kwargs exactly as the sampler passed them."""
+    """One recorded transformer call: positional args and kwargs exactly as the sampler passed them.
+
+    A spilled entry (`path` set) keeps its tensors in `<path>.safetensors` + `<path>.json` and reads them
+    back each time `args` / `kwargs` are used, so a cache larger than memory costs disk, not RAM."""
 
     step: int  # sampling step index within its trajectory
     timestep: float
-    args: tuple
-    kwargs: dict
+    _args: tuple | None
+    _kwargs: dict | None
     batch: int  # rows in the call (prompts x 2 with classifier-free guidance batched into one call)
     prompt_ids: list[int] | None = None  # row -> index into the cache's prompts (None: unknown)
+    path: str | None = None  # where a spilled entry's tensors are (None: in memory)
+
+    @property
+    def args(self) -> tuple:
+        return self._args if self.path is None else self._load()[0]
+
+    @property
+    def kwargs(self) -> dict:
+        return self._kwargs if self.path is None else self._load()[1]
+
+    def _load(self) -> tuple[tuple, dict]:
+        from workbench.io.checkpoint import load_checkpoint
+
+        saved = load_checkpoint(Path(self.path), SPILL_FINGERPRINT)
+        if saved is None:
+            raise FileNotFoundError(f"spilled calibration entry {self.path}.json is gone; collect calibration again")
+        return tuple(saved["args"]), dict(saved["kwargs"])
+
+    def spill(self, path: Path) -> CalibrationEntry:
+        """Write the tensors to `path` (.safetensors + .json) and keep only the reference in memory."""
+        from workbench.io.checkpoint import save_checkpoint
+
+        if self.path is None:
+            save_checkpoint(path, SPILL_FINGERPRINT, {"args": self._args, "kwargs": self._kwargs})
+            self._args, self._kwargs, self.path = None, None, str(path)
+        return self
 
     @property
     def nbytes(self) -> int:
-        return _nbytes(self.args) + _nbytes(self.kwargs)
+        """Bytes this entry holds in memory (0 once spilled)."""
+        return 0 if self.path is not None else _nbytes(self._args) + _nbytes(self._kwargs)
+
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes of a spilled entry's tensor file (0 in memory)."""
+        return 0 if self.path is None else Path(self.path).with_suffix(".safetensors").stat().st_size
 
     def rows(self, n: int | None) -> CalibrationEntry:
         """This call restricted to n rows spread evenly over the batch (None or >= batch: all rows).
@@ -131,7 +170,12 @@ class CalibrationCache:
 
     @property
     def nbytes(self) -> int:
+        """Bytes held in memory (spilled entries count 0; see `disk_bytes`)."""
         return sum(e.nbytes for e in self.entries) + _nbytes(self.layer_inputs)
+
+    @property
+    def disk_bytes(self) -> int:
+        return sum(e.disk_bytes for e in self.entries)
 
     @property
     def timesteps(self) -> list[float]:
@@ -166,16 +210,18 @@ class CalibrationCache:
 
     def to_tree(self) -> dict[str, Any]:
         """The cache as nested plain data and tensors (what `workbench.io.checkpoint.pack` stores)."""
-        return {"entries": [{"step": e.step, "timestep": e.timestep, "args": e.args, "kwargs": e.kwargs,
-                             "batch": e.batch, "prompt_ids": e.prompt_ids} for e in self.entries],
+        return {"entries": [{"step": e.step, "timestep": e.timestep, "batch": e.batch, "prompt_ids": e.prompt_ids,
+                             **({"path": e.path} if e.path is not None else {"args": e.args, "kwargs": e.kwargs})}
+                            for e in self.entries],
                 "prompts": list(self.prompts), "seeds": list(self.seeds), "steps": self.steps,
                 "guidance": self.guidance, "layer_inputs": dict(self.layer_inputs)}
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> CalibrationCache:
         """Inverse of `to_tree`."""
-        entries = [CalibrationEntry(int(e["step"]), float(e["timestep"]), tuple(e["args"]), dict(e["kwargs"]),
-                                    int(e["batch"]), e.get("prompt_ids")) for e in tree["entries"]]
+        entries = [CalibrationEntry(int(e["step"]), float(e["timestep"]), None if "path" in e else tuple(e["args"]),
+                                    None if "path" in e else dict(e["kwargs"]), int(e["batch"]), e.get("prompt_ids"),
+                                    e.get("path")) for e in tree["entries"]]
         return cls(entries, list(tree["prompts"]), [int(x) for x in tree["seeds"]], int(tree["steps"]),
                    float(tree["guidance"]), dict(tree["layer_inputs"]))
 
@@ -184,8 +230,9 @@ class CalibrationCache:
         return lambda: self.replay(transformer, entries)
 
     def __repr__(self) -> str:
+        spilled = f" + {self.disk_bytes / 2**20:.1f} MB on disk" if self.disk_bytes else ""
         return (f"CalibrationCache({len(self.prompts)} prompts, {len(self.entries)} calls, "
-                f"{len(self.timesteps)} timesteps, {self.nbytes / 2**20:.1f} MB"
+                f"{len(self.timesteps)} timesteps, {self.nbytes / 2**20:.1f} MB{spilled}"
                 + (f", layer inputs of {len(self.layer_inputs)} layers" if self.layer_inputs else "") + ")")
 
 
@@ -264,6 +311,9 @@ class CalibrationSettings:
     frames / height / width: video size of the trajectories (None: what the model was made for).
     batch_size: prompts per sampling call.
     max_mb: memory bound of the cache (see module docstring).
+    spill: what happens past max_mb: True writes further calls to `spill_dir` (read back when replayed: a
+        cache larger than memory costs disk), False keeps fewer, evenly spaced steps.
+    spill_dir: folder of spilled calls (None: a temporary folder; a resumable run uses its checkpoint folder).
     layer_inputs: also keep a bounded sample of every quantizable linear layer's input activations.
     layer_rows: rows (tokens) kept per layer when layer_inputs is set.
     seed_offset: trajectory i starts from noise seed `session.seed + seed_offset + i` (the held-out
@@ -279,6 +329,8 @@ class CalibrationSettings:
     width: int | None = None
     batch_size: int = 8
     max_mb: float = 256.0
+    spill: bool = True
+    spill_dir: str | None = None
     layer_inputs: bool = False
     layer_rows: int = 1024
     seed_offset: int = 10_000
@@ -324,10 +376,19 @@ def collect_calibration(session: Session, settings: CalibrationSettings | None =
     keep: set[int] = set(range(gen.steps))
     notes: list[str] = []
     seen = {"t": None, "step": -1, "first": 0, "n": 0}  # the current generate call's step counter and prompts
+    spill_root: list[Path] = []
+
+    def spill_dir() -> Path:
+        if not spill_root:
+            root = Path(s.spill_dir) if s.spill_dir else Path(tempfile.mkdtemp(prefix="workbench-calibration-"))
+            root.mkdir(parents=True, exist_ok=True)
+            spill_root.append(root)
+            notes.append(f"calls past max_mb={s.max_mb} were written to {root} (read back when replayed)")
+        return spill_root[0]
 
     def sink(args: tuple, kwargs: dict) -> None:
         nonlocal keep
-        entry = CalibrationEntry(0, 0.0, _to_cpu(args), _to_cpu({k: v for k, v in kwargs.items()}), 0)
+        entry = CalibrationEntry(0, 0.0, _to_cpu(args), _to_cpu(dict(kwargs)), 0)
         entry.timestep = _find_timestep(entry)
         entry.batch = _batch_of(entry)
         if entry.timestep != seen["t"]:  # a new denoising step (a model may call its transformer twice a step)
@@ -335,15 +396,19 @@ def collect_calibration(session: Session, settings: CalibrationSettings | None =
         entry.step = seen["step"]
         ids = list(range(seen["first"], seen["first"] + seen["n"]))
         entry.prompt_ids = ids * (entry.batch // len(ids)) if entry.batch % len(ids) == 0 else None
-        if not cache.entries and entry.step == 0:
+        if not cache.entries and entry.step == 0 and not s.spill:
             # plan the memory: every batch records `steps` steps of about this size
             per = max(entry.nbytes, 1)
             fit = max(1, budget // (per * n_batches))
             if fit < gen.steps:
                 keep = _kept_steps(gen.steps, fit)
                 notes.append(f"max_mb={s.max_mb} keeps {len(keep)} of {gen.steps} steps per trajectory")
-        if entry.step in keep and cache.nbytes + entry.nbytes <= budget:
+        if entry.step not in keep:
+            return
+        if cache.nbytes + entry.nbytes <= budget:
             cache.entries.append(entry)
+        elif s.spill:
+            cache.entries.append(entry.spill(spill_dir() / f"entry-{len(cache.entries):06d}"))
 
     transformer = session.fp_transformer
     for i in tqdm(range(0, len(prompts), batch_size), desc="calibration trajectories", disable=not session.progress,
@@ -373,7 +438,8 @@ def collect_calibration(session: Session, settings: CalibrationSettings | None =
         settings=asdict(s),
         summary={
             "prompts": len(prompts), "calls": len(cache.entries), "timesteps": len(cache.timesteps),
-            "kept_steps": len(keep), "mb": cache.nbytes / 2**20, "layers_with_inputs": len(cache.layer_inputs),
+            "kept_steps": len(keep), "mb": cache.nbytes / 2**20, "disk_mb": cache.disk_bytes / 2**20,
+            "layers_with_inputs": len(cache.layer_inputs),
         },
         tables={"timesteps": rows, "prompts": [{"prompt": p, "seed": sd} for p, sd in zip(prompts, seeds)]},
         notes=notes,

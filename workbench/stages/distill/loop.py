@@ -160,7 +160,10 @@ def run_distillation(
         raise ValueError("the session's transformer is not quantized: run apply_quantization(session) first")
     t_start = time.perf_counter()
     fp, q = session.fp_transformer, session.qtransformer
-    device = next(q.parameters()).device
+    home = next(q.parameters()).device
+    device = torch.device(s.device) if s.device is not None else home
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"distillation device {s.device!r} asks for CUDA, which this machine lacks: pass device=None")
 
     # phase 1: rows
     entries = list(session.calibration.entries)
@@ -174,7 +177,7 @@ def run_distillation(
     todo = set(unit_names if s.blocks is None or s.mode == "e2e" else s.blocks)
 
     # resume point
-    d = {k: v for k, v in asdict(s).items() if k not in ("checkpoint_dir", "checkpoint_every", "resume")}
+    d = {k: v for k, v in asdict(s).items() if k not in ("checkpoint_dir", "checkpoint_every", "resume", "device")}
     fp_hash = fingerprint({"name": name, "settings": plain(d), "units": unit_names, "rows": n,
                            "terms": [(t.name, t.weight) for t in terms], "extra": plain(fingerprint_extra or {})})
     ckpt = None if s.checkpoint_dir is None else Path(s.checkpoint_dir) / name
@@ -222,6 +225,7 @@ def run_distillation(
         q_h = q_rows.per_row[hleaf][keep] if s.inputs == "quant" else fp_h
         fp_rows, q_rows = fp_rows.subset(keep), q_rows.subset(keep)
         for ui, (uname, fb, qb) in enumerate(zip(unit_names, fp_blocks, q_blocks)):
+            fb.to(device), qb.to(device)  # streaming: only this block's teacher and student on the device
             fp_batch = fp_rows.batch_fn(hleaf, fp_h, device)
             q_batch = q_rows.batch_fn(hleaf, q_h, device)
             target = propagate(fb, fp_batch, n, row_ts, fp_h.device)
@@ -237,7 +241,11 @@ def run_distillation(
                 save(ui + 1, 0, None)
             q_h = propagate(qb, q_batch, n, row_ts, fp_h.device) if s.inputs == "quant" else target
             fp_h = target
+            fb.to(home), qb.to(home)
     else:
+        if device != home:
+            raise ValueError("mode='e2e' trains the whole transformer on its own device: leave device unset (or "
+                             "use mode='block' to stream blocks to another device)")
         calls = [to_cpu(bind_call(fp.forward, e.args, e.kwargs)) for e in entries]
         rows = Rows(calls, [e.batch for e in entries]).subset(keep)
         batch = lambda idx: rows.batch(idx, device)  # noqa: E731

@@ -30,7 +30,10 @@ class DistillSettings:
     blocks: names of the blocks to train (None: all; the others are only propagated).
     seed: seed of the batch sampling and of the terms' randomness.
     eval_rows: fixed rows on which each block's error is measured before and after training.
-    checkpoint_dir / checkpoint_every / resume: see the module docstring (0: only when a block ends).
+    checkpoint_dir / checkpoint_every / resume: see `workbench.stages.distill.loop` (0: only when a block ends).
+    device: where blocks train (None: where the model is). In block mode a device other than the model's
+        streams the blocks: the models stay where they are (e.g. the CPU) and each block's teacher and student
+        move to `device` while they train, so a model whose weights fit on one GPU once is distilled there.
     """
 
     mode: str = "block"
@@ -51,6 +54,7 @@ class DistillSettings:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 50
     resume: bool = True
+    device: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -66,6 +70,13 @@ class DistillSettings:
             raise ValueError("iters, eval_rows and checkpoint_every must be >= 0 and batch_size >= 1")
         if self.rows is not None and self.rows < 1:
             raise ValueError(f"rows must be >= 1 or None, got {self.rows}")
+        if self.device is not None:
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"device {self.device!r} is not a torch device; pass 'cpu' or 'cuda'") from None
         for name in ("lr", "scale_lr", "weight_lr"):
             v = getattr(self, name)
             if v is not None and not (v > 0 and math.isfinite(v)):
