@@ -120,8 +120,10 @@ class TinyWorldModel(Generator):
         transformer: nn.Module | None = None,
         progress: bool = False,
         on_step: StepCallback | None = None,
+        decode: bool = True,
     ) -> torch.Tensor:
-        """Clips (B, 3, F, H, W) in [0, 1]; `transformer` swaps in another (e.g. quantized) copy."""
+        """Clips (B, 3, F, H, W) in [0, 1]; `transformer` swaps in another (e.g. quantized) copy. The world
+        model works in pixel space, so `decode` changes nothing (the clips cost no decoding)."""
         prompts, seeds = check_prompts_and_seeds(prompts, seeds)
         s = (settings or GenerationSettings()).resolved(self.defaults())
         self.check_settings(s)

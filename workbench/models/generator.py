@@ -242,9 +242,11 @@ class Generator(abc.ABC):
         transformer: nn.Module | None = None,
         progress: bool = False,
         on_step: StepCallback | None = None,
-    ) -> torch.Tensor:
+        decode: bool = True,
+    ) -> torch.Tensor | None:
         """Videos ``(B, 3, F, H, W)`` float32 on the CPU in [0, 1].
 
         ``transformer`` swaps in another (e.g. quantized) transformer for this call only; ``on_step`` is
-        called once per denoising step as ``on_step(step_index, timestep, latents)``.
+        called once per denoising step as ``on_step(step_index, timestep, latents)``. ``decode=False``:
+        the caller needs only the denoising loop (calibration); a model may then skip its VAE and return None.
         """

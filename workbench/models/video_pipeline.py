@@ -460,8 +460,12 @@ class PipelineGenerator(Generator):
         transformer: nn.Module | None = None,
         progress: bool = False,
         on_step: StepCallback | None = None,
-    ) -> torch.Tensor:
+        decode: bool = True,
+    ) -> torch.Tensor | None:
         """Videos ``(B, 3, F, H, W)`` float32 on the CPU in [0, 1]; see :class:`Generator`.
+
+        ``decode=False`` runs only the denoising loop (no VAE decode; calibration needs nothing more) and
+        returns None.
 
         ``on_step(i, t, latents)`` receives the latents in the pipeline's own layout (CogVideoX
         ``(B, F, C, H, W)``, LTX packed ``(B, tokens, C)``, others ``(B, C, F, H, W)``); do not modify them.
@@ -479,13 +483,15 @@ class PipelineGenerator(Generator):
         try:
             with self._transformer_swapped(transformer):
                 if not self.spec.one_prompt_per_call:
-                    frames = self._call(prompts, seeds, s, on_step)
+                    frames = self._call(prompts, seeds, s, on_step, decode)
                 else:
-                    frames, steps = self._call_one_by_one(prompts, seeds, s, record=on_step is not None)
+                    frames, steps = self._call_one_by_one(prompts, seeds, s, record=on_step is not None, decode=decode)
                     for i, (t, latents) in enumerate(steps):
                         on_step(i, t, latents)  # type: ignore[misc]
         finally:
             self.pipeline.set_progress_bar_config(disable=True)
+        if not decode:
+            return None
         # (B, F, C, H, W) in [0, 1] -> (B, C, F, H, W) float32 on the CPU
         video = torch.as_tensor(frames).permute(0, 2, 1, 3, 4).float().cpu().contiguous()
         expected = (len(prompts), 3, s.frames, s.height, s.width)
@@ -497,7 +503,7 @@ class PipelineGenerator(Generator):
         return video.clamp_(0.0, 1.0)
 
     def _call(self, prompts: list[str], seeds: list[int], s: GenerationSettings,
-              on_step: StepCallback | None) -> torch.Tensor:  # fmt: skip
+              on_step: StepCallback | None, decode: bool = True) -> torch.Tensor:  # fmt: skip
         """One pipeline call for the whole batch; returns its ``(B, F, C, H, W)`` frames."""
         device = self.device
         kwargs: dict[str, Any] = dict(
@@ -508,7 +514,7 @@ class PipelineGenerator(Generator):
             height=s.height,
             width=s.width,
             generator=[torch.Generator(device=device).manual_seed(seed) for seed in seeds],
-            output_type="pt",
+            output_type="pt" if decode else "latent",
             return_dict=True,
             **self.spec.call_kwargs,
         )
@@ -526,13 +532,13 @@ class PipelineGenerator(Generator):
         return self.pipeline(**kwargs).frames
 
     def _call_one_by_one(self, prompts: list[str], seeds: list[int], s: GenerationSettings,
-                         record: bool) -> tuple[torch.Tensor, list[tuple[float, torch.Tensor]]]:  # fmt: skip
+                         record: bool, decode: bool = True) -> tuple[torch.Tensor, list[tuple[float, torch.Tensor]]]:  # fmt: skip
         """One pipeline call per prompt; the per-step latents are concatenated over the batch afterwards."""
         videos, per_prompt = [], []
         for prompt, seed in zip(prompts, seeds):
             steps: list[tuple[float, torch.Tensor]] = []
             on_step = (lambda i, t, latents: steps.append((t, latents.detach().clone()))) if record else None
-            videos.append(self._call([prompt], [seed], s, on_step))
+            videos.append(self._call([prompt], [seed], s, on_step, decode))
             per_prompt.append(steps)
         merged = [(per_prompt[0][i][0], torch.cat([p[i][1] for p in per_prompt])) for i in range(len(per_prompt[0]))]
-        return torch.cat([torch.as_tensor(v) for v in videos]), merged
+        return (torch.cat([torch.as_tensor(v) for v in videos]) if decode else None), merged

@@ -415,7 +415,7 @@ def collect_calibration(session: Session, settings: CalibrationSettings | None =
                   leave=False):
         seen.update(t=None, step=-1, first=i, n=len(prompts[i:i + batch_size]))
         with recording_calls(transformer, sink):
-            model.generate(prompts[i:i + batch_size], seeds[i:i + batch_size], gen)
+            model.generate(prompts[i:i + batch_size], seeds[i:i + batch_size], gen, decode=False)
     if s.layer_inputs:
         collect_layer_inputs(session, rows=s.layer_rows, cache=cache, max_bytes=budget - cache.nbytes)
     session.calibration = cache
