@@ -12,9 +12,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ["01_quickstart", "02_error_sources", "03_calibration_selection", "04_distillation",
-             "05_mixed_precision", "06_export_and_speed"]
-# modules a notebook may import besides workbench: display helpers and the standard library's plumbing
-ALLOWED_IMPORTS = {"IPython.display", "copy", "tempfile", "pathlib"}
+             "05_mixed_precision", "06_export_and_speed", "07_real_pipelines"]
+# modules a notebook may import besides workbench: display helpers, the standard library's plumbing, and
+# torch itself (thread settings; users of a real pipeline drive torch anyway)
+ALLOWED_IMPORTS = {"IPython.display", "copy", "tempfile", "pathlib", "torch"}
 
 
 def _load(name):

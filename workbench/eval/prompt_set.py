@@ -172,9 +172,12 @@ def evaluate_quantized(
     return metrics, videos
 
 
-# The columns of the results table, in order (any other scalar metric follows them).
+# The columns of the results table, in order (any other scalar metric follows them); the oracle's columns
+# only for a model that has one.
 TABLE_KEYS = ("oracle_accuracy", "exact_match", "temporal_consistency", "psnr_vs_fp", "ssim_vs_fp",
-              "frechet_distance", "avg_weight_bits", "weight_mb", "seconds_per_video")
+              "frechet_distance", "temporal_diff_error_vs_fp", "flicker_ratio_vs_fp", "latent_rel_l2_mean",
+              "avg_weight_bits", "weight_mb", "seconds_per_video")
+ORACLE_COLUMNS = ("oracle_accuracy", "exact_match", "temporal_consistency", "frechet_distance")
 
 
 @dataclass
@@ -187,9 +190,10 @@ class QuantizedEntry:
     info: dict[str, Any] = field(default_factory=dict)  # extra table columns (e.g. method, source directory)
 
 
-def _row(label: str, metrics: dict, info: dict | None = None) -> dict:
+def _row(label: str, metrics: dict, info: dict | None = None, oracle: bool = True) -> dict:
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not k.startswith(("per_", "fp_"))}
-    first = {k: scalars.pop(k, None) for k in TABLE_KEYS}  # every row has these columns, in this order
+    keys = [k for k in TABLE_KEYS if oracle or k not in ORACLE_COLUMNS]
+    first = {k: scalars.pop(k, None) for k in keys}  # every row has these columns, in this order
     return {"model": label, **(info or {}), **first, **scalars}
 
 
@@ -201,13 +205,14 @@ def comparison_content(model, entries: list[QuantizedEntry], settings: EvalSetti
     settings = settings.resolved(model)
     fp = evaluate_fp(model, settings, progress=progress)
     fp_size = weight_budget(model.transformer)
-    rows = [_row("FP", {**fp.metrics, "avg_weight_bits": 32.0, "weight_mb": fp_size["fp_weight_mb"]})]
+    oracle = model.oracle_scenes(list(settings.prompts[:1])) is not None
+    rows = [_row("FP", {**fp.metrics, "avg_weight_bits": 32.0, "weight_mb": fp_size["fp_weight_mb"]}, oracle=oracle)]
     video_rows = [VideoRow("FP", fp.videos)]
     for e in entries:
         metrics, videos = evaluate_quantized(model, e.transformer, settings, fp=fp, progress=progress)
         size = weight_budget(e.transformer)
         rows.append(_row(e.label, {**metrics, "avg_weight_bits": size["avg_weight_bits"], "weight_mb": size["weight_mb"]},
-                         e.info))
+                         e.info, oracle=oracle))
         video_rows.append(VideoRow(e.label, videos))
     content = ReportContent(
         title=title,

@@ -86,7 +86,7 @@ class AnalysisSettings:
     grouping: str = "block"
     prompts: int = 2
     steps: int = 8
-    guidance: float | None = 3.0
+    guidance: float | None = None
     frames: int | None = None
     height: int | None = None
     width: int | None = None

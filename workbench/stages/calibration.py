@@ -323,7 +323,7 @@ class CalibrationSettings:
     prompts: int = 8
     prompt_list: list[str] | None = None
     steps: int | None = 8
-    guidance: float | None = 3.0
+    guidance: float | None = None
     frames: int | None = None
     height: int | None = None
     width: int | None = None

@@ -38,6 +38,8 @@ class ReportContent:
 
 
 def _fmt(v) -> str:
+    if v is None:
+        return "&ndash;"  # not measured / not applicable (e.g. PSNR of FP against itself)
     if isinstance(v, float):
         return f"{v:.4g}"
     return html.escape(str(v))
