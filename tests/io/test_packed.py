@@ -15,6 +15,7 @@ from workbench.io.packed import (
     FORMAT_VERSION,
     PackedKernelLinear,
     PackedModelError,
+    KernelChoice,
     PackedQuantLinear,
     applied_weight,
     kernel_for,
@@ -74,13 +75,19 @@ def test_pack_unpack_every_code(fmt, cols):
 
 def test_kernel_choice():
     k = kernel_for
-    assert k(QuantFormat.parse("int8"), "channel", None, 128, DYN8) == ("W8A8Linear", None)
-    assert k(QuantFormat.parse("int4"), "channel", None, 512, DYN8) == ("W4A8Linear", 256)
-    assert k(QuantFormat.parse("int3"), "group", 64, 128, DYN8) == ("W4A8Linear", 64)
-    assert k(QuantFormat.parse("fp8"), "channel", None, 128, QuantSpec("fp8", "token", dynamic=True)) == ("FP8Linear", None)
-    assert k(QuantFormat.parse("uint4"), "group", 64, 128, DYN8) is None  # zero points: no kernel
+    U8 = QuantSpec("uint8", "token", dynamic=True)
+    assert k(QuantFormat.parse("int8"), "channel", None, 128, DYN8) == KernelChoice("W8A8Linear")
+    assert k(QuantFormat.parse("int4"), "channel", None, 512, DYN8) == KernelChoice("W4A8Linear", 256)
+    assert k(QuantFormat.parse("int3"), "group", 64, 128, DYN8) == KernelChoice("W4A8Linear", 64)
+    assert k(QuantFormat.parse("fp8"), "channel", None, 128, QuantSpec("fp8", "token", dynamic=True)) == \
+        KernelChoice("FP8Linear")
+    assert k(QuantFormat.parse("uint4"), "group", 64, 128, DYN8) is None  # weight zero points: no kernel
     assert k(QuantFormat.parse("int4"), "channel", None, 128, QuantSpec("int6", "token", dynamic=True)) is None
-    assert k(QuantFormat.parse("int8"), "channel", None, 128, QuantSpec("uint8", "token", dynamic=True)) is None
+    # asymmetric uint8 activations (ViDiT-Q's): the W8A8 kernel with its zero-point epilogue, int4 weights too
+    assert k(QuantFormat.parse("int8"), "channel", None, 128, U8) == KernelChoice("W8A8Linear", asym_act=True)
+    assert k(QuantFormat.parse("int4"), "channel", None, 512, U8) == KernelChoice("W8A8Linear", asym_act=True)
+    assert k(QuantFormat.parse("int4"), "group", 64, 128, U8) is None  # group scales need the W4A8 kernel
+    assert k(QuantFormat.parse("int8"), "channel", None, 128, U8.with_(observer="mse")) is None
     assert k(QuantFormat.parse("int8"), "channel", None, 128, None) is None  # weight-only
 
 
@@ -89,6 +96,8 @@ def test_kernel_choice():
 
 @pytest.mark.parametrize("case, weight, act, kernel", [
     ("int8-channel", QuantSpec("int8", "channel"), DYN8, W8A8Linear),
+    ("int8-channel-uint8-act", QuantSpec("int8", "channel"), QuantSpec("uint8", "token", dynamic=True), W8A8Linear),
+    ("int4-channel-uint8-act", QuantSpec("int4", "channel"), QuantSpec("uint8", "token", dynamic=True), W8A8Linear),
     ("int4-group-asym", QuantSpec("uint4", "group", group_size=32), DYN8, PackedQuantLinear),
     ("int4-group", QuantSpec("int4", "group", group_size=32), DYN8, W4A8Linear),
     ("int3-a6", QuantSpec("int3", "channel", observer="mse"), QuantSpec("int6", "token", dynamic=True), PackedQuantLinear),

@@ -115,6 +115,47 @@ for _impl in ("ptr", "tma"):
             check(_mk())
 
 
+def _asym_check(impl: str, act, subtile: bool) -> Tuple[float, float]:
+    """scaled_mm with asymmetric activations (ViDiT-Q's uint8 per token): codes - 128, zero - 128 and the weight
+    row sums, the zero point removed in the epilogue; fp32 output, ragged M/N/K.
+
+    Bound: the int8 accumulator and z * sum_k w are exact integers-by-small-floats (|z| <= 255, |sum| < 2^15),
+    so the fp32 epilogue rounds (acc - z bsum) once more than the symmetric path: 2 gamma(3) of
+    (|acc| + |z bsum|) a b + |bias| covers it (the terms `gemm_err` sums).
+    """
+    from workbench.kernels.scaled_mm import scaled_mm
+    g = _g(5)
+    x = torch.rand(37, 80, generator=g) * 6 - 1  # skewed: the zero point is far from the middle
+    w = torch.randn(48, 80, generator=g)
+    b = torch.randn(48, generator=g)
+    xq, xs, xz = R.quantize_per_token_uint8(x)
+    wq, ws = R.quantize_per_channel_int8(w)
+    bsum = R.weight_row_sums(wq)
+    cfg = dict(GEMM_CFG, EPILOGUE_SUBTILE=subtile)
+    out = scaled_mm(xq, xs, wq, ws, b, act, torch.float32, impl=impl, config=cfg, a_zero=xz, b_sum=bsum)
+    ref = R.int8_scaled_mm_ref(xq, xs, wq, ws, b, act, torch.float32, xz, bsum)
+    acc = xq.double() @ wq.double().t()
+    dq = xs.double()[:, None] * ws.double()[None, :]
+    zterm = xz.double()[:, None] * bsum.double()[None, :]
+    # the reference is the dequantized float64 product of the true codes: check that first, exactly
+    true = ((xq.double() + 128 - (xz.double()[:, None] + 128)) @ wq.double().t()) * dq + b.double()[None, :]
+    assert torch.equal((acc - zterm) * dq + b.double()[None, :], true)
+    pre = (acc - zterm) * dq + b.double()[None, :]
+    err = TOL.gemm_err(prod_abs=(acc.abs() + zterm.abs()) * dq, bias_abs=b.double().abs()[None, :],
+                       gelu_in=pre if act else None)
+    return TOL.compare(out, ref, err, interpreter=True)
+
+
+for _impl in ("ptr", "tma"):
+    for _act in (None, "gelu_tanh"):
+        def _mk_asym(impl=_impl, act=_act):
+            def fn():
+                return _asym_check(impl, act, subtile=(impl == "tma" and act is None))
+            fn.__name__ = f"scaled_mm_int8_asym_{impl}_{act or 'none'}"
+            return fn
+        check(_mk_asym())
+
+
 def _linear_check(fp8: bool, impl: str, act, x: torch.Tensor, n: int, cfg: dict, seed: int) -> Tuple[float, float]:
     """Full linear path (fused per-token quant kernel + GEMM) on bf16 x with a bf16 bias; bf16 output.
 

@@ -157,6 +157,33 @@ def test_w8a8_production_configs(impl, shape, act):
     _w8a8(shape, act, impl, TMA_CFG if impl == "tma" else PTR_CFG, seed=4)
 
 
+@pytest.mark.parametrize("shape,act", [(QKV, None), (FF1, "gelu_tanh"), (SMALL, None)], ids=["qkv", "ff1_gelu", "m37"])
+def test_w8a8_asymmetric_activations(shape, act):
+    """ViDiT-Q's uint8 per-token activations: the epilogue subtracts zero * rowsum(W) from the int32 accumulator.
+    Bound: kernel and fp32 reference each round |acc| + |zero * rowsum| up to three times (int -> fp32, the
+    product, the difference)."""
+    _need("int8")
+    from workbench.kernels import reference as R
+    from workbench.kernels.int8_gemm import w8a8_linear_triton
+    x, w, b = _inputs(*shape, seed=6)
+    wq, ws = R.quantize_per_channel_int8(w)
+    wsum = R.weight_row_sums(wq)
+    out = w8a8_linear_triton(x, wq, ws, b, act, w_sum=wsum)
+    xq, xs, xz = R.quantize_per_token_uint8(x)
+    n = wq.shape[0]
+    dq = xs.double()[:, None] * ws.double()[None, :]
+    acc = xq.double() @ wq.double().t()
+    corr = xz.double()[:, None] * wsum.double()[None, :]
+    prod = (acc - corr) * dq
+    pre = prod + b.double()[None, :]
+    acc_err = 2 * TOL.gamma(3) * (acc.abs() + corr.abs()) * dq  # kernel and reference each round 3 times
+    ref = R.int8_scaled_mm_ref(xq, xs, wq, ws, b.float(), act, torch.float32, xz, wsum)
+    e32 = TOL.gemm_err(prod.abs(), b.double().abs()[None, :], acc_err, gelu_in=pre if act else None, fast_tanh=True)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    err, tol = TOL.compare(out.reshape(-1, n), ref, e32, interpreter=False)
+    assert err <= tol, f"{err:.3g} bf16 ulps outside the rounding of the reference +- its bound"
+
+
 @pytest.mark.parametrize("m", [1, 37])
 def test_int8_scaled_mm_pre_quantized(m):
     """The pre-quantized path (after layernorm_quant) with the reference quantizer's codes, M below a tile."""

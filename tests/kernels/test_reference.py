@@ -213,3 +213,32 @@ def test_quant_attention_ref_key_block_size_only_changes_quantization_noise():
     b = R.quant_attention_ref(q.float(), k.float(), v.float(), block_m=64, block_n=96, pv_dtype="fp16")
     assert R.rel_error(a, b) < 0.01
     assert math.isfinite(R.rel_error(a, R.sdpa_ref(q, k, v)))
+
+
+def test_uint8_token_codes_are_the_fake_quantizers_and_the_gemm_removes_the_zero_point():
+    """Asymmetric per-token activations (ViDiT-Q's uint8 dynamic): the reference's codes dequantize to exactly
+    the fake quantizer's values, and the zero-point epilogue gives the product of those values with W."""
+    from workbench.quant import QuantConfig, QuantSpec, Quantizer, quantize_model
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.rand(13, 96, generator=g) * 5 - 1 + torch.linspace(-2, 3, 96)  # skewed rows and channels
+    q, s, z = R.quantize_per_token_uint8(x)
+    assert q.dtype == torch.int8 and int(q.min()) >= -128 and int(q.max()) <= 127
+    fq = Quantizer(QuantSpec("uint8", "token", dynamic=True))(x)
+    assert torch.equal((q.float() - z[:, None]) * s[:, None], fq)
+    wq, ws = R.quantize_per_channel_int8(torch.randn(40, 96, generator=g))
+    out = R.int8_scaled_mm_ref(q, s, wq, ws, None, None, torch.float64, z, R.weight_row_sums(wq))
+    want = fq.double() @ (wq.double() * ws.double()[:, None]).t()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    # the kernel linear (reference backend) against the fake-quant layer it replaces
+    lin = torch.nn.Sequential(torch.nn.Linear(96, 40))
+    quantize_model(lin, QuantConfig(weight=QuantSpec("int8", "channel"), act=QuantSpec("uint8", "token", dynamic=True)))
+    from workbench.kernels import W8A8Linear, quantize_activation
+
+    k = W8A8Linear(96, 40, out_dtype=torch.float32, backend="reference", asym_act=True)
+    layer = lin[0]
+    k.set_weight(*R.quantize_per_channel_int8(layer.quantized_weight().detach()))
+    k.set_bias(layer.bias)
+    torch.testing.assert_close(k(x), layer(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="dense input"):
+        k(quantize_activation(x, backend="reference"))

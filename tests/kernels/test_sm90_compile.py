@@ -53,18 +53,20 @@ def _assert_healthy(ptx, shared, regs, local, wgmma=r"wgmma\.mma_async"):
     assert local == 0, f"register spills ({local} bytes of local memory, {regs} registers)"
 
 
-@pytest.mark.parametrize("dtype", ["i8", "fp8e4nv"])
-def test_scaled_mm_tma_compiles_for_sm90(dtype):
+@pytest.mark.parametrize("dtype,zp", [("i8", False), ("i8", True), ("fp8e4nv", False)])
+def test_scaled_mm_tma_compiles_for_sm90(dtype, zp):
     S = importlib.import_module("workbench.kernels.scaled_mm")
     bm, bn, bk, w, s, sub = S.TMA_CONFIGS[1]  # the largest-SMEM config (4 stages, 128x256x128)
     sig = {"a_desc": f"tensordesc<{dtype}[{bm}, {bk}]>", "b_desc": f"tensordesc<{dtype}[{bn}, {bk}]>",
            "c_desc": f"tensordesc<bf16[{bm}, {bn // 2}]>", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
-           "bias_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32"}
+           "bias_ptr": "*bf16", "a_zero_ptr": "*fp32", "b_sum_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+           "M_BUCKET": "i32"}
     consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EPILOGUE_SUBTILE=sub, NUM_SMS=132,
                   ACC_DTYPE=tl.int32 if dtype == "i8" else tl.float32, OUT_DTYPE=tl.bfloat16, MAX_IMPRECISE=0,
-                  HAS_BIAS=True, ACT=1, FAST=True)
+                  HAS_BIAS=True, ACT=1, FAST=True, HAS_ZP=zp)
     ptx, shared, regs, local = _compile(S._scaled_mm_tma_kernel, sig, consts, w, s,
-                                        div16=["a_scale_ptr", "b_scale_ptr", "bias_ptr", "N", "K"])
+                                        div16=["a_scale_ptr", "b_scale_ptr", "bias_ptr", "a_zero_ptr", "b_sum_ptr",
+                                               "N", "K"])
     _assert_healthy(ptx, shared, regs, local)
     assert "cp.async.bulk.tensor" in ptx and "tanh.approx.f32" in ptx
 

@@ -205,7 +205,7 @@ def pack_layer(name: str, q: QuantLinear) -> tuple[dict[str, Any], dict[str, tor
         "smooth": q.smooth is not None,
         "rotation": q.rotation is not None,
         "extras": extras,
-        "kernel": None if kernel is None else kernel[0],
+        "kernel": None if kernel is None else kernel.name,
         "bytes": {
             "packed": packed_bytes if weight_entry else fp_bytes,
             "fp32": out_f * in_f * 4,

@@ -195,22 +195,37 @@ class PackedWeight:
         return s.repeat_interleave(per_range // group, dim=1).contiguous()
 
 
+@dataclass(frozen=True)
+class KernelChoice:
+    """Which kernel module computes a layer exactly: its class name, the W4A8 group size, and whether the
+    activations are asymmetric (uint8 with a zero point per token: the W8A8 kernel's zero-point epilogue)."""
+
+    name: str
+    group: int | None = None
+    asym_act: bool = False
+
+
+INT8_SYM = QuantFormat("int", 8, True)
+UINT8_ASYM = QuantFormat("int", 8, False)
+
+
 def kernel_for(
     weight_format: QuantFormat | None,
     granularity: str | None,
     group_size: int | None,
     in_features: int,
     act: QuantSpec | None,
-) -> tuple[str, int | None] | None:
-    """(kernel class name, W4A8 group size) when a kernel computes exactly this layer's quantization.
+) -> KernelChoice | None:
+    """The kernel that computes exactly this layer's quantization, or None.
 
-    The kernels quantize activations per token, dynamically, symmetrically, min-max, so the layer's
-    activation spec must be exactly that; weights must be symmetric with one range per tensor, channel
-    or (W4A8) group of a size the kernel runs:
-      W4A8Linear: int2..int4 weights (their codes fit int4 exactly) x int8 activations;
-      W8A8Linear: int2..int8 weights per tensor / channel x int8 activations (where W4A8 does not apply);
+    The kernels quantize activations per token, dynamically, min-max, so the layer's activation spec must be
+    exactly that: symmetric int8 (all kernels) or asymmetric uint8 (the W8A8 kernel, whose epilogue removes
+    the zero point: x W^T = s (q - z) W^T = s (q W^T - z sum_k W)). Weights must be symmetric with one range
+    per tensor, channel or (W4A8) group of a size the kernel runs:
+      W4A8Linear: int2..int4 weights (their codes fit int4 exactly) x symmetric int8 activations;
+      W8A8Linear: int2..int8 weights per tensor / channel x int8 or uint8 activations (where W4A8 does not);
       FP8Linear:  fp8_e4m3 weights per tensor / channel x fp8_e4m3 activations.
-    Anything else (asymmetric, static or int6 activations, fp8_e5m2, weight-only ...) has no kernel.
+    Anything else (asymmetric weights, static or 6-bit activations, fp8_e5m2, weight-only ...) has no kernel.
     """
     if weight_format is None or act is None:
         return None
@@ -219,17 +234,18 @@ def kernel_for(
     if weight_format.is_fp8:
         if (weight_format.kind == "fp8_e4m3" and act.format.kind == "fp8_e4m3"
                 and granularity in ("tensor", "channel", "token")):
-            return "FP8Linear", None
+            return KernelChoice("FP8Linear")
         return None
-    if not weight_format.symmetric or act.format != QuantFormat("int", 8, True):
+    if not weight_format.symmetric or act.format not in (INT8_SYM, UINT8_ASYM):
         return None
-    if weight_format.bits <= 4:
+    asym = act.format == UINT8_ASYM
+    if weight_format.bits <= 4 and not asym:
         per_range = group_size if granularity == "group" else in_features
         group = next((g for g in KERNEL_GROUP_SIZES if per_range and per_range % g == 0), None)
         if group is not None and in_features % 2 == 0:
-            return "W4A8Linear", group
+            return KernelChoice("W4A8Linear", group)
     if granularity in ("tensor", "channel", "token"):
-        return "W8A8Linear", None
+        return KernelChoice("W8A8Linear", asym_act=asym)
     return None
 
 
@@ -240,23 +256,24 @@ def kernel_for(
 KERNEL_CLASSES: dict[str, type[nn.Module]] = {"W8A8Linear": W8A8Linear, "FP8Linear": FP8Linear, "W4A8Linear": W4A8Linear}
 
 
-def kernel_module(name: str, pw: PackedWeight, bias: torch.Tensor | None, dtype: torch.dtype,
-                  backend: Backend | str = Backend.AUTO, group: int | None = None) -> nn.Module:
-    """The kernel module `name` holding exactly the codes and scales of `pw` (no re-quantization)."""
-    cls = KERNEL_CLASSES[name]
+def kernel_module(choice: KernelChoice, pw: PackedWeight, bias: torch.Tensor | None, dtype: torch.dtype,
+                  backend: Backend | str = Backend.AUTO) -> nn.Module:
+    """The kernel module `choice` names, holding exactly the codes and scales of `pw` (no re-quantization)."""
+    cls = KERNEL_CLASSES[choice.name]
     out, inp = pw.shape
-    if name == "W4A8Linear":
-        mod = cls(inp, out, bias is not None, group_size=int(group), out_dtype=dtype, backend=backend)
+    if choice.name == "W4A8Linear":
+        mod = cls(inp, out, bias is not None, group_size=int(choice.group), out_dtype=dtype, backend=backend)
         mod.weight_packed = kref.pack_int4(pw.codes.to(torch.int8))
-        mod.weight_scales = pw.group_scales(int(group))
+        mod.weight_scales = pw.group_scales(int(choice.group))
     else:
-        mod = cls(inp, out, bias is not None, out_dtype=dtype, backend=backend)
         scale = pw.scale.float().reshape(-1).expand(out).contiguous() if pw.scale.numel() == 1 else pw.scale.reshape(out)
-        if name == "W8A8Linear":
-            mod.weight_q = pw.codes.to(torch.int8).contiguous()
+        if choice.name == "W8A8Linear":
+            mod = cls(inp, out, bias is not None, out_dtype=dtype, backend=backend, asym_act=choice.asym_act)
+            mod.set_weight(pw.codes.to(torch.int8), scale)
         else:
+            mod = cls(inp, out, bias is not None, out_dtype=dtype, backend=backend)
             mod.weight_fp8 = pw.codes.contiguous()
-        mod.weight_scale = scale.float().contiguous()
+            mod.weight_scale = scale.float().contiguous()
     mod.set_bias(bias)
     return mod
 
@@ -581,7 +598,7 @@ def build_layer(name: str, entry: dict[str, Any], tensors: dict[str, torch.Tenso
         pw = _packed_weight(name, entry, tensors, used)
         kernel = None if fake_quant else kernel_for(pw.format, pw.granularity, pw.group_size, pw.shape[1], act_spec)
         if kernel is not None:
-            module = kernel_module(kernel[0], pw, bias, dtype, backend, kernel[1])
+            module = kernel_module(kernel, pw, bias, dtype, backend)
             if smooth is not None or rotation is not None or extras:
                 module = PackedKernelLinear(module, smooth, rotation, extras)
             return module
@@ -675,7 +692,7 @@ def load_packed(
 
 
 __all__ = [
-    "FORMAT_NAME", "FORMAT_VERSION", "KERNEL_CLASSES", "MANIFEST_NAME", "PackedKernelLinear", "PackedModelError",
+    "FORMAT_NAME", "FORMAT_VERSION", "KERNEL_CLASSES", "KernelChoice", "MANIFEST_NAME", "PackedKernelLinear", "PackedModelError",
     "PackedQuantLinear", "PackedWeight", "applied_weight", "build_layer", "build_model", "expected_storage",
     "kernel_for", "kernel_module", "kernel_weight", "load_packed", "pack_codes", "read_manifest", "read_tensors",
     "storage_for", "unpack_codes", "verify_files",

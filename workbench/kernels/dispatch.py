@@ -13,11 +13,16 @@ from .backend import Backend, available, unavailable_reason, use_triton
 # ------------------------------------------------------------------------------ functional API
 
 def w8a8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                activation: Optional[str] = None, backend: Backend | str = Backend.AUTO, **kw: Any) -> torch.Tensor:
-    """W8A8 linear (per-token int8 activations, per-channel int8 weights); see reference.w8a8_linear_ref."""
+                activation: Optional[str] = None, backend: Backend | str = Backend.AUTO,
+                w_sum: Optional[torch.Tensor] = None, **kw: Any) -> torch.Tensor:
+    """W8A8 linear (per-token int8 activations, per-channel int8 weights); see reference.w8a8_linear_ref.
+    With `w_sum` (reference.weight_row_sums(wq)) the activations are asymmetric uint8 per token
+    (reference.w8a8_asym_linear_ref: the fake quantizer's `uint8` per-token dynamic, exactly)."""
     if use_triton("w8a8_linear", "int8", x.device, backend):
         from .int8_gemm import w8a8_linear_triton
-        return w8a8_linear_triton(x, wq, w_scale, bias, activation, **kw)
+        return w8a8_linear_triton(x, wq, w_scale, bias, activation, w_sum=w_sum, **kw)
+    if w_sum is not None:
+        return ref.w8a8_asym_linear_ref(x, wq, w_scale, w_sum, bias, activation)
     return ref.w8a8_linear_ref(x, wq, w_scale, bias, activation)
 
 
@@ -130,8 +135,9 @@ class _QuantLinearBase(nn.Module):
 
     def extra_repr(self) -> str:
         """Shape / activation / backend summary for print(model)."""
+        asym = ", asym_act" if getattr(self, "asym_act", False) else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, activation={self.activation}, backend={self.backend.value}")
+                f"bias={self.bias is not None}, activation={self.activation}, backend={self.backend.value}{asym}")
 
     def _init_common(self, in_features: int, out_features: int, bias: bool, activation: Optional[str],
                      out_dtype: torch.dtype, device: Optional[torch.device], backend: Backend | str) -> None:
@@ -153,8 +159,13 @@ class _QuantLinearBase(nn.Module):
                 ) -> torch.Tensor:
         """Forward under torch.compile: quantize in plain torch (Inductor can fuse it into the producer), then
         one custom-op GEMM, so the graph has no break."""
-        xq, xs = ops.quantize_tokens(x, fp8)
-        out = op(xq, xs, *weights, self.bias, self.activation, ref.linear_out_dtype(x), self.backend.value)
+        if getattr(self, "asym_act", False):
+            xq, xs, xz = ops.quantize_tokens_asym(x)
+            out = op(xq, xs, *weights, self.bias, self.activation, ref.linear_out_dtype(x), self.backend.value,
+                     xz, self.weight_sum)
+        else:
+            xq, xs = ops.quantize_tokens(x, fp8)
+            out = op(xq, xs, *weights, self.bias, self.activation, ref.linear_out_dtype(x), self.backend.value)
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -163,15 +174,27 @@ def _weight_dtype(linear: nn.Linear) -> torch.dtype:
 
 
 class W8A8Linear(_QuantLinearBase):
-    """Drop-in nn.Linear replacement: int8 per-channel weights, per-token int8 activations."""
+    """Drop-in nn.Linear replacement: int8 per-channel weights, per-token int8 activations (symmetric, or with
+    `asym_act` asymmetric uint8 with a zero point per token, the `weight_sum` correction in the epilogue)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  activation: Optional[str] = None, out_dtype: torch.dtype = torch.bfloat16,
-                 device: Optional[torch.device] = None, backend: Backend | str = Backend.AUTO) -> None:
+                 device: Optional[torch.device] = None, backend: Backend | str = Backend.AUTO,
+                 asym_act: bool = False) -> None:
         super().__init__()
+        self.asym_act = bool(asym_act)
         self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("weight_sum", torch.zeros(out_features, dtype=torch.float32, device=device)
+                             if self.asym_act else None)
         self._init_common(in_features, out_features, bias, activation, out_dtype, device, backend)
+
+    def set_weight(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
+        """Store int8 codes [N, K] and their per-channel scales (and the row sums asymmetric inputs need)."""
+        self.weight_q = codes.to(torch.int8).contiguous()
+        self.weight_scale = scale.float().reshape(-1).contiguous()
+        if self.asym_act:
+            self.weight_sum = ref.weight_row_sums(self.weight_q)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, activation: Optional[str] = None,
@@ -179,7 +202,7 @@ class W8A8Linear(_QuantLinearBase):
         """Quantize an nn.Linear (weights per output channel); activation='gelu_tanh' fuses GELU."""
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, activation,
                   _weight_dtype(linear), linear.weight.device, backend)
-        mod.weight_q, mod.weight_scale = ref.quantize_per_channel_int8(linear.weight.detach())
+        mod.set_weight(*ref.quantize_per_channel_int8(linear.weight.detach()))
         mod.set_bias(linear.bias)
         return mod
 
@@ -189,7 +212,11 @@ class W8A8Linear(_QuantLinearBase):
         if dense is not None and torch.compiler.is_compiling():
             return self._traced(dense, False, torch.ops.workbench.scaled_mm, self.weight_q, self.weight_scale)
         if dense is not None:
-            return w8a8_linear(dense, self.weight_q, self.weight_scale, self.bias, self.activation, self.backend)
+            return w8a8_linear(dense, self.weight_q, self.weight_scale, self.bias, self.activation, self.backend,
+                               w_sum=self.weight_sum if self.asym_act else None)
+        if self.asym_act:
+            raise ValueError("this W8A8Linear quantizes its input asymmetrically itself: pass the dense input, not "
+                             "symmetric codes from a fused producer")
         if use_triton("W8A8Linear", "int8", qa.q.device, self.backend):
             from .int8_gemm import int8_scaled_mm
             out = int8_scaled_mm(qa.q, qa.scale, self.weight_q, self.weight_scale, self.bias, self.activation,

@@ -7,7 +7,7 @@ from typing import Any, Optional
 import torch
 
 from .act_quant import quantize_rows
-from .reference import linear_out_dtype
+from .reference import linear_out_dtype, quantize_per_token_uint8
 from .scaled_mm import scaled_mm
 
 
@@ -22,11 +22,16 @@ def int8_scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_
 
 def w8a8_linear_triton(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
                        bias: Optional[torch.Tensor] = None, activation: Optional[str] = None,
-                       **kw: Any) -> torch.Tensor:
-    """Triton W8A8 linear with the signature and semantics of reference.w8a8_linear_ref."""
+                       w_sum: Optional[torch.Tensor] = None, **kw: Any) -> torch.Tensor:
+    """Triton W8A8 linear with the signature and semantics of reference.w8a8_linear_ref (and, with `w_sum`,
+    of reference.w8a8_asym_linear_ref: asymmetric per-token activations, quantized in torch)."""
     k = x.shape[-1]
     if wq.shape[1] != k:
         raise ValueError(f"weight has K={wq.shape[1]} but input has {k} features")
-    xq, xs = quantize_rows(x.reshape(-1, k))
-    out = scaled_mm(xq, xs, wq, w_scale, bias, activation, linear_out_dtype(x), **kw)
+    if w_sum is None:
+        xq, xs = quantize_rows(x.reshape(-1, k))
+        out = scaled_mm(xq, xs, wq, w_scale, bias, activation, linear_out_dtype(x), **kw)
+    else:
+        xq, xs, xz = quantize_per_token_uint8(x.reshape(-1, k))
+        out = scaled_mm(xq, xs, wq, w_scale, bias, activation, linear_out_dtype(x), a_zero=xz, b_sum=w_sum, **kw)
     return out.reshape(*x.shape[:-1], wq.shape[0])

@@ -24,19 +24,23 @@ CALLS: Counter = Counter()
 @custom_op("workbench::scaled_mm", mutates_args=())
 def scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
               bias: Optional[torch.Tensor], activation: Optional[str], out_dtype: torch.dtype,
-              backend: str = "auto") -> torch.Tensor:
-    """(xq @ w.T) * x_scale[:, None] * w_scale[None, :] + bias (+GELU) for int8 or e4m3 operands."""
+              backend: str = "auto", x_zero: Optional[torch.Tensor] = None,
+              w_sum: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(xq @ w.T - x_zero w_sum^T) * x_scale[:, None] * w_scale[None, :] + bias (+GELU) for int8 or e4m3
+    operands (the zero-point term only for asymmetric int8 activations)."""
     CALLS["scaled_mm"] += 1
     kind = "int8" if xq.dtype == torch.int8 else "fp8"
     if use_triton("ops.scaled_mm", kind, xq.device, backend):
         from .scaled_mm import scaled_mm as triton_scaled_mm
-        return triton_scaled_mm(xq, x_scale, w, w_scale, bias, activation, out_dtype)
-    fn = ref.int8_scaled_mm_ref if kind == "int8" else ref.fp8_scaled_mm_ref
-    return fn(xq, x_scale, w, w_scale, bias, activation, out_dtype)
+        return triton_scaled_mm(xq, x_scale, w, w_scale, bias, activation, out_dtype, a_zero=x_zero, b_sum=w_sum)
+    if kind == "int8":
+        return ref.int8_scaled_mm_ref(xq, x_scale, w, w_scale, bias, activation, out_dtype, x_zero, w_sum)
+    return ref.fp8_scaled_mm_ref(xq, x_scale, w, w_scale, bias, activation, out_dtype)
 
 
 @scaled_mm.register_fake
-def _scaled_mm_fake(xq, x_scale, w, w_scale, bias, activation, out_dtype, backend="auto"):  # noqa: ANN001, ANN202
+def _scaled_mm_fake(xq, x_scale, w, w_scale, bias, activation, out_dtype, backend="auto", x_zero=None,  # noqa: ANN001, ANN202
+                    w_sum=None):  # noqa: ANN001, ANN202
     torch._check(xq.shape[1] == w.shape[1], lambda: f"scaled_mm: K mismatch {xq.shape[1]} vs {w.shape[1]}")
     return xq.new_empty((xq.shape[0], w.shape[0]), dtype=out_dtype)
 
@@ -77,3 +81,8 @@ def quantize_tokens(x: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Ten
     """Per-token quantization in plain torch (the reference math) so that Inductor fuses it into the producer."""
     x2 = x.reshape(-1, x.shape[-1])
     return ref.quantize_per_token_fp8(x2) if fp8 else ref.quantize_per_token_int8(x2)
+
+
+def quantize_tokens_asym(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric per-token 8-bit quantization in plain torch (codes - 128, scale, zero - 128)."""
+    return ref.quantize_per_token_uint8(x.reshape(-1, x.shape[-1]))

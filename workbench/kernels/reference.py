@@ -29,6 +29,7 @@ FP8_DTYPE = torch.float8_e4m3fn
 __all__ = [
     "quantize_per_token_int8", "quantize_per_channel_int8", "quantize_per_token_fp8",
     "quantize_per_channel_fp8", "int8_scaled_mm_ref", "fp8_scaled_mm_ref", "w8a8_linear_ref",
+    "quantize_per_token_uint8", "weight_row_sums", "w8a8_asym_linear_ref",
     "fp8_rowwise_linear_ref", "pack_int4", "unpack_int4", "quantize_weight_int4_grouped",
     "w4a8_scaled_mm_ref", "w4a8_linear_ref", "layernorm_quant_ref", "rmsnorm_quant_ref",
     "gelu_quant_ref", "gelu_tanh", "quant_attention_ref", "sdpa_ref", "rel_error", "linear_out_dtype",
@@ -102,10 +103,37 @@ def _epilogue(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tenso
 
 def int8_scaled_mm_ref(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
                        bias: Optional[torch.Tensor] = None, activation: Optional[str] = None,
-                       out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """(xq @ wq.T) exactly in integers, then dequant + bias (+GELU); xq [M,K] int8, wq [N,K] int8."""
+                       out_dtype: torch.dtype = torch.bfloat16, x_zero: Optional[torch.Tensor] = None,
+                       w_sum: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(xq @ wq.T) exactly in integers, then dequant + bias (+GELU); xq [M,K] int8, wq [N,K] int8. With
+    asymmetric activations (x_zero [M], w_sum [N]; see `quantize_per_token_uint8`) the fp32 accumulator loses
+    x_zero * w_sum first, as the kernels' epilogue does."""
     acc = (xq.double() @ wq.double().t()).float()
+    if x_zero is not None:
+        acc = acc - x_zero.float()[:, None] * w_sum.float()[None, :]
     return _epilogue(acc, x_scale, w_scale, bias, activation).to(out_dtype)
+
+
+def quantize_per_token_uint8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric per-row 8-bit quantization, exactly the fake quantizer's `uint8` per-token dynamic min-max
+    (`workbench.quant.formats.scale_zero_from_range` / `quantize`): the range is widened to contain 0,
+    scale = (hi - lo) / 255, zero = round(-lo / scale). Returns (codes - 128 as int8, fp32 scale [..],
+    fp32 zero - 128 [..]): x ~ scale * (q - zero'), which an int8 GEMM computes as q W^T - zero' W 1."""
+    from workbench.quant.formats import QuantFormat, quantize, scale_zero_from_range
+
+    fmt = QuantFormat("int", 8, False)
+    xf = x.float()
+    lo, hi = torch.aminmax(xf.reshape(-1, xf.shape[-1]), dim=1)
+    scale, zero = scale_zero_from_range(lo, hi, fmt)
+    codes = quantize(xf.reshape(-1, xf.shape[-1]), scale[:, None], zero[:, None], fmt)
+    q = (codes.to(torch.int16) - 128).to(torch.int8)
+    lead = tuple(x.shape[:-1])
+    return q.reshape(*lead, x.shape[-1]), scale.reshape(lead), (zero - 128.0).reshape(lead)
+
+
+def weight_row_sums(wq: torch.Tensor) -> torch.Tensor:
+    """sum_k wq[n, k] of int8 weight codes as fp32 [N] (exact: |sum| < 2**24 for K < 2**17)."""
+    return wq.to(torch.int32).sum(dim=1).float()
 
 
 def fp8_scaled_mm_ref(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
@@ -127,6 +155,15 @@ def w8a8_linear_ref(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
     x2, lead = _flatten(x)
     xq, xs = quantize_per_token_int8(x2)
     out = int8_scaled_mm_ref(xq, xs, wq, w_scale, bias, activation, out_dtype=x.dtype)
+    return out.reshape(*lead, wq.shape[0])
+
+
+def w8a8_asym_linear_ref(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, w_sum: torch.Tensor,
+                         bias: Optional[torch.Tensor] = None, activation: Optional[str] = None) -> torch.Tensor:
+    """W8A8 linear with asymmetric per-token activations (`quantize_per_token_uint8`), x.dtype out."""
+    x2, lead = _flatten(x)
+    xq, xs, xz = quantize_per_token_uint8(x2)
+    out = int8_scaled_mm_ref(xq, xs, wq, w_scale, bias, activation, x.dtype, xz, w_sum)
     return out.reshape(*lead, wq.shape[0])
 
 

@@ -1,6 +1,8 @@
 """Row/column-scaled GEMM kernels shared by the int8 (W8A8) and fp8 linears.
 
-C[M, N] = epilogue((A[M, K] @ B[N, K]^T) * a_scale[M, None] * b_scale[None, N] + bias[N]),
+C[M, N] = epilogue((A[M, K] @ B[N, K]^T - a_zero[M, None] * b_sum[None, N]) * a_scale[M, None] * b_scale[None, N]
++ bias[N]) (the zero-point term only for asymmetric activations: A holds codes - 128, a_zero the zero point - 128,
+b_sum the row sums of B, so the product is that of the activations' true codes minus their zero point),
 A/B int8 (int32 accumulator, exact) or e4m3 (fp32 accumulator); the epilogue optionally applies
 GELU-tanh and writes bf16/fp16/fp32. B keeps nn.Linear's [N, K] layout, i.e. K-major, which is
 what Hopper wgmma requires for 8-bit operands (an [K, N] layout would force the slow mma.sync path).
@@ -28,12 +30,17 @@ ACTIVATIONS = {None: 0, "gelu_tanh": 1}
 
 
 @triton.jit
-def _dequant_epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, b_scale_ptr, bias_ptr,
-                      HAS_BIAS: tl.constexpr, ACT: tl.constexpr, FAST: tl.constexpr):
-    """acc * a_scale[:, None] * b_scale[None, :] (+ bias) (+ GELU) in fp32."""
+def _dequant_epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, b_scale_ptr, bias_ptr, a_zero_ptr, b_sum_ptr,
+                      HAS_BIAS: tl.constexpr, ACT: tl.constexpr, FAST: tl.constexpr, HAS_ZP: tl.constexpr):
+    """(acc - a_zero[:, None] * b_sum[None, :]) * a_scale[:, None] * b_scale[None, :] (+ bias) (+ GELU) in fp32."""
     a_s = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
     b_s = tl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
-    out = acc.to(tl.float32) * a_s[:, None] * b_s[None, :]
+    accf = acc.to(tl.float32)
+    if HAS_ZP:
+        a_z = tl.load(a_zero_ptr + offs_m, mask=offs_m < M, other=0.0)
+        b_z = tl.load(b_sum_ptr + offs_n, mask=offs_n < N, other=0.0)
+        accf = accf - a_z[:, None] * b_z[None, :]
+    out = accf * a_s[:, None] * b_s[None, :]
     if HAS_BIAS:
         out = out + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     if ACT == 1:
@@ -42,12 +49,12 @@ def _dequant_epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, b_scale_ptr, bias_
 
 
 @triton.jit
-def _scaled_mm_tma_kernel(a_desc, b_desc, c_desc, a_scale_ptr, b_scale_ptr, bias_ptr,
+def _scaled_mm_tma_kernel(a_desc, b_desc, c_desc, a_scale_ptr, b_scale_ptr, bias_ptr, a_zero_ptr, b_sum_ptr,
                           M, N, K, M_BUCKET,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           GROUP_M: tl.constexpr, EPILOGUE_SUBTILE: tl.constexpr, NUM_SMS: tl.constexpr,
                           ACC_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, MAX_IMPRECISE: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, ACT: tl.constexpr, FAST: tl.constexpr):
+                          HAS_BIAS: tl.constexpr, ACT: tl.constexpr, FAST: tl.constexpr, HAS_ZP: tl.constexpr):
     """Persistent TMA scaled GEMM (see module docstring)."""
     start_pid = tl.program_id(axis=0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -73,8 +80,8 @@ def _scaled_mm_tma_kernel(a_desc, b_desc, c_desc, a_scale_ptr, b_scale_ptr, bias
         pid_m, pid_n = grouped_pid(tile_id_c, num_pid_m, num_pid_n, GROUP_M)
         offs_cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        out = _dequant_epilogue(acc, offs_cm, offs_cn, M, N, a_scale_ptr, b_scale_ptr, bias_ptr,
-                                HAS_BIAS, ACT, FAST)
+        out = _dequant_epilogue(acc, offs_cm, offs_cn, M, N, a_scale_ptr, b_scale_ptr, bias_ptr, a_zero_ptr,
+                                b_sum_ptr, HAS_BIAS, ACT, FAST, HAS_ZP)
         if EPILOGUE_SUBTILE:
             o = tl.permute(tl.reshape(out, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
             o0, o1 = tl.split(o)
@@ -85,12 +92,12 @@ def _scaled_mm_tma_kernel(a_desc, b_desc, c_desc, a_scale_ptr, b_scale_ptr, bias
 
 
 @triton.jit
-def _scaled_mm_ptr_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
+def _scaled_mm_ptr_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, a_zero_ptr, b_sum_ptr,
                           M, N, K, M_BUCKET, stride_am, stride_bn, stride_cm,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
                           ACC_DTYPE: tl.constexpr, MAX_IMPRECISE: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, ACT: tl.constexpr, FAST: tl.constexpr):
+                          HAS_BIAS: tl.constexpr, ACT: tl.constexpr, FAST: tl.constexpr, HAS_ZP: tl.constexpr):
     """Tiled scaled GEMM with pointer loads (non-persistent)."""
     pid = tl.program_id(axis=0)
     pid_m, pid_n = grouped_pid(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -118,7 +125,8 @@ def _scaled_mm_ptr_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_pt
             acc = tl.dot(a, b.T, acc, out_dtype=ACC_DTYPE)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
-    out = _dequant_epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, b_scale_ptr, bias_ptr, HAS_BIAS, ACT, FAST)
+    out = _dequant_epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, b_scale_ptr, bias_ptr, a_zero_ptr, b_sum_ptr,
+                            HAS_BIAS, ACT, FAST, HAS_ZP)
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
@@ -166,7 +174,7 @@ def _ptr_configs():
             for bm, bn, bk, w, s in PTR_CONFIGS]
 
 
-_KEY = ["M_BUCKET", "N", "K", "ACC_DTYPE", "HAS_BIAS", "ACT", "MAX_IMPRECISE"]
+_KEY = ["M_BUCKET", "N", "K", "ACC_DTYPE", "HAS_BIAS", "ACT", "MAX_IMPRECISE", "HAS_ZP"]
 _tma_tuned = triton.autotune(configs=_tma_configs(), key=_KEY, do_bench=fast_bench)(_scaled_mm_tma_kernel)
 _ptr_tuned = triton.autotune(configs=_ptr_configs(), key=_KEY, do_bench=fast_bench)(_scaled_mm_ptr_kernel)
 
@@ -191,8 +199,10 @@ def last_best_config(impl: str) -> Optional[str]:
 def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
               bias: Optional[torch.Tensor] = None, activation: Optional[str] = None,
               out_dtype: torch.dtype = torch.bfloat16, *, impl: str = "auto",
-              config: Optional[Dict[str, int]] = None, precise_fp8: bool = False) -> torch.Tensor:
-    """(a @ b.T) * a_scale[:, None] * b_scale[None, :] + bias (+GELU) for int8 or e4m3 a [M,K], b [N,K].
+              config: Optional[Dict[str, int]] = None, precise_fp8: bool = False,
+              a_zero: Optional[torch.Tensor] = None, b_sum: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(a @ b.T - a_zero b_sum^T) * a_scale[:, None] * b_scale[None, :] + bias (+GELU) for int8 or e4m3 a [M,K],
+    b [N,K]; a_zero [M] / b_sum [N] (fp32, int8 only) give asymmetric activations (module docstring).
 
     impl: "auto" (TMA persistent on sm_90+, else pointer), "tma" or "ptr". config: explicit
     {BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, EPILOGUE_SUBTILE]} skips autotuning.
@@ -211,6 +221,11 @@ def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: 
     b = b.contiguous()
     a_scale = a_scale.reshape(-1).float().contiguous()
     b_scale = b_scale.reshape(-1).float().contiguous()
+    if (a_zero is None) != (b_sum is None) or (a_zero is not None and a.dtype != torch.int8):
+        raise ValueError("asymmetric activations need both a_zero and b_sum, with int8 operands")
+    has_zp = a_zero is not None
+    a_zero = a_zero.reshape(-1).float().contiguous() if has_zp else a_scale
+    b_sum = b_sum.reshape(-1).float().contiguous() if has_zp else b_scale
     c = torch.empty((m, n), device=a.device, dtype=out_dtype)
     if m == 0:
         return c
@@ -220,12 +235,12 @@ def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: 
     acc_dtype = tl.int32 if is_int else tl.float32
     bias_arg = bias.contiguous() if bias is not None else a_scale
     common = dict(ACC_DTYPE=acc_dtype, HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation],
-                  FAST=use_fast_math())
+                  FAST=use_fast_math(), HAS_ZP=has_zp)
     if impl == "auto":
         impl = "tma" if is_hopper_or_newer(a.device) and tma_ok(a, b, c) else "ptr"
     # Triton's Autotuner.run costs tens of microseconds of Python per call, as much as a 0.15 ms GEMM at
     # DiT qkv shapes: tune once per key, then launch the chosen config directly.
-    tune_key = (impl, m_bucket(m), n, k, a.dtype, bias is not None, activation, precise_fp8, out_dtype)
+    tune_key = (impl, m_bucket(m), n, k, a.dtype, bias is not None, activation, precise_fp8, out_dtype, has_zp)
     if config is None:
         config = _BEST.get(tune_key)
     if impl == "tma":
@@ -236,7 +251,7 @@ def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: 
         a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), blk)
         b_desc = TensorDescriptor(b, list(b.shape), list(b.stride()), blk)
         c_desc = TensorDescriptor(c, list(c.shape), list(c.stride()), blk)
-        args = (a_desc, b_desc, c_desc, a_scale, b_scale, bias_arg, m, n, k, m_bucket(m))
+        args = (a_desc, b_desc, c_desc, a_scale, b_scale, bias_arg, a_zero, b_sum, m, n, k, m_bucket(m))
         out_tl = _TL_OUT[out_dtype]
         if config is None:
             max_imp = 128 if (precise_fp8 and not is_int) else 0
@@ -256,7 +271,8 @@ def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: 
         return c
     if impl != "ptr":
         raise ValueError(f"impl must be 'auto', 'tma' or 'ptr', got {impl!r}")
-    args = (a, b, c, a_scale, b_scale, bias_arg, m, n, k, m_bucket(m), a.stride(0), b.stride(0), c.stride(0))
+    args = (a, b, c, a_scale, b_scale, bias_arg, a_zero, b_sum, m, n, k, m_bucket(m), a.stride(0), b.stride(0),
+            c.stride(0))
     if config is None:
         max_imp = 128 if (precise_fp8 and not is_int) else 0
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
