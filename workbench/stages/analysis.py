@@ -210,18 +210,21 @@ def _activation_stats(session: Session, layers: list[str], entries, config: Quan
     def fn(name: str, x: torch.Tensor, out: torch.Tensor) -> None:
         t = cur[0]
         d = st[name]
-        m = x.detach().float().reshape(-1, x.shape[-1]).cpu()
-        ch = m.abs().amax(0)
+        # statistics are reduced where the activations are; only vectors and sampled rows move to the CPU
+        m = x.detach().float().reshape(-1, x.shape[-1])
+        ch = m.abs().amax(0).cpu()
         d["ch"][t] = ch if d["ch"][t] is None else torch.maximum(d["ch"][t], ch)
-        d["lo"][t] = min(d["lo"][t], float(m.min())) if d["tok"][t] is not None else float(m.min())
-        d["hi"][t] = max(d["hi"][t], float(m.max())) if d["tok"][t] is not None else float(m.max())
-        rng = m.amax(1) - m.amin(1)
+        lo, hi = float(m.min()), float(m.max())
+        d["lo"][t] = min(d["lo"][t], lo) if d["tok"][t] is not None else lo
+        d["hi"][t] = max(d["hi"][t], hi) if d["tok"][t] is not None else hi
+        rng = (m.amax(1) - m.amin(1)).cpu()
         d["tok"][t] = rng if d["tok"][t] is None else torch.cat([d["tok"][t], rng])
         if x.dim() == 3:
             d["map"][t] = (x.detach().float().amax(-1) - x.detach().float().amin(-1)).mean(0).cpu()
         k = min(s.sample_rows, m.shape[0])
         idx = torch.randperm(m.shape[0], generator=g)[:k]
-        d["sample"][t] = m[idx] if d["sample"][t] is None else torch.cat([d["sample"][t], m[idx]])
+        rows = m[idx.to(m.device)].cpu()
+        d["sample"][t] = rows if d["sample"][t] is None else torch.cat([d["sample"][t], rows])
 
     cal = session.calibration
     with capturing_inputs(fp, layers, fn):

@@ -118,7 +118,8 @@ Samples = list[tuple[float, torch.Tensor]]
 @torch.no_grad()
 def _fp_inputs(session: Session, names: list[str], rows: int) -> tuple[dict[str, torch.Tensor], dict[str, Samples]]:
     """Exact per-channel max |x| of every named layer's FP input over the whole calibration set, and a
-    random sample of about `rows` input rows per layer spread over the recorded timesteps."""
+    random sample of about `rows` input rows per layer spread over the recorded timesteps (fp32, on the
+    layer's device)."""
     cal = session.calibration
     per_entry = max(8, rows // max(1, len(cal.entries)))
     g = session.rng(23)
@@ -127,11 +128,12 @@ def _fp_inputs(session: Session, names: list[str], rows: int) -> tuple[dict[str,
     cur = [0.0]
 
     def fn(name: str, x: torch.Tensor, out: torch.Tensor) -> None:
-        m = x.detach().float().reshape(-1, x.shape[-1]).cpu()
-        a = m.abs().amax(0)
+        # reduce and sample where the activations are: only a K-vector and the sampled rows are kept
+        m = x.detach().reshape(-1, x.shape[-1])
+        a = m.abs().amax(0).float()
         absmax[name] = a if name not in absmax else torch.maximum(absmax[name], a)
         idx = torch.randperm(m.shape[0], generator=g)[:per_entry]
-        samples[name].append((cur[0], m[idx]))
+        samples[name].append((cur[0], m[idx.to(m.device)].float()))
 
     fp = session.fp_transformer
     with capturing_inputs(fp, names, fn):
