@@ -5,7 +5,7 @@ FP videos. Then the Wan2.1-14B transformer: calibration plus Q-VDiT distillation
     python scripts/real_models.py run --out $OUT/real_models.json                 # on the GPU (rows saved as it goes)
     python scripts/real_models.py run --models cogvideox --recipes vidit-q-w8a8 --out rows.json
     python scripts/real_models.py run --models none --wan14b --out rows.json      # the 14B distillation only
-    python scripts/real_models.py render rows.json [more.json] --out docs/real-models.md
+    python scripts/real_models.py render docs/real-models/*.json --notes docs/real-models/notes.txt   # the page
 
 Per pipeline (CogVideoX-2B: 49 frames 480x720; Wan2.1-1.3B: 81 frames 480x832; 50 steps with guidance):
 1. build it on the GPU in bf16 from the published configs (`workbench.models.random_pipelines`) and save it,
@@ -54,6 +54,10 @@ class Rows:
         self.path, self.data = path, {"env": env, "rows": []}
 
     def add(self, **row: Any) -> None:
+        from workbench import distributed
+
+        if not distributed.is_main():
+            return  # under torchrun rank 0 records (rows carry every rank's peak memory)
         self.data["rows"].append(row)
         log(json.dumps(row))
         self.path.write_text(json.dumps(self.data, indent=1))
@@ -196,9 +200,16 @@ class _nothing:
         return False
 
 
-def run_wan14b(rows: Rows, iters: int, tokens_frames: int, height: int, width: int, size: str = "full") -> None:
-    """The Wan2.1-14B transformer (random weights, bf16) on one GPU: calibration inputs at a reduced latent size,
-    PTQ, then Q-VDiT's distillation (TQE + TMD, end to end) for `iters` iterations; time and peak memory."""
+def run_wan14b(rows: Rows, iters: int, tokens_frames: int, height: int, width: int, size: str = "full",
+               batch: int = 2, probe_out: Path | None = None) -> None:
+    """The Wan2.1-14B transformer (random weights, bf16): calibration inputs at a reduced latent size, PTQ, then
+    Q-VDiT's distillation (TQE + TMD) for `iters` iterations of a global batch of `batch` rows; time, samples per
+    second and peak memory of every rank. Under torchrun every rank builds the same model (same seed) on its GPU
+    and the distillation is data-parallel (FSDP2); the quantized model's output on a fixed probe input is saved
+    to `probe_out` so that runs on different numbers of ranks can be compared."""
+    import torch.distributed as dist
+
+    from workbench import distributed
     from workbench.models.random_pipelines import build_transformer, wan_14b_transformer_config
     from workbench.recipes import load_recipe
     from workbench.session import Session
@@ -206,11 +217,22 @@ def run_wan14b(rows: Rows, iters: int, tokens_frames: int, height: int, width: i
 
     dev = torch.device("cuda" if size == "full" else "cpu")
     dtype = torch.bfloat16 if size == "full" else torch.float32
-    model = "Wan2.1-14B transformer" if size == "full" else "wan transformer (tiny)"
+    if distributed.launched_by_torchrun():
+        dev = distributed.init_from_env(str(dev))
+    ranks = distributed.world() if distributed.active() else 1
+
+    def peaks(local: float) -> list[float]:
+        if not distributed.active():
+            return [local]
+        out: list[Any] = [None] * ranks
+        dist.all_gather_object(out, local)
+        return out
+
+    model = ("Wan2.1-14B transformer" if size == "full" else "wan transformer (tiny)") + f", {ranks} rank(s)"
     t, build_s, peak = timed(dev, lambda: build_transformer("wan", size, device=dev, dtype=dtype,
                                                             config=wan_14b_transformer_config() if size == "full" else None))
     params = sum(p.numel() for p in t.parameters())
-    rows.add(model=model, part="build", seconds=build_s, peak_gib=peak, params=params)
+    rows.add(model=model, part="build", seconds=build_s, peak_gib=max(peaks(peak)), params=params, ranks=ranks)
     g = torch.Generator(device=dev).manual_seed(0)
     cfg = t.config
     inputs = [dict(hidden_states=torch.randn(2, cfg.in_channels, tokens_frames, height, width, generator=g, device=dev,
@@ -219,43 +241,54 @@ def run_wan14b(rows: Rows, iters: int, tokens_frames: int, height: int, width: i
                    encoder_hidden_states=torch.randn(2, 512, cfg.text_dim, generator=g, device=dev, dtype=dtype),
                    return_dict=False)
               for ts in torch.linspace(999, 20, 8)]
-    session = Session.start(t, seed=0)
+    session = Session.start(t, seed=0, progress=distributed.is_main())
     _, cal_s, cal_peak = timed(dev, lambda: calibration_from_inputs(session, inputs))
     tokens = tokens_frames * (height // cfg.patch_size[1]) * (width // cfg.patch_size[2])
-    rows.add(model=model, part="calibration", seconds=cal_s, peak_gib=cal_peak, calls=len(inputs), rows=16,
-             tokens_per_row=tokens)
+    rows.add(model=model, part="calibration", seconds=cal_s, peak_gib=max(peaks(cal_peak)), calls=len(inputs),
+             rows=2 * len(inputs), tokens_per_row=tokens, ranks=ranks)
     recipe = load_recipe("q-vdit-w4a6")
     session.recipe = {"name": recipe.name, "recipe": recipe.to_dict()}
+    total = torch.cuda.get_device_properties(dev).total_memory / 2**30 if dev.type == "cuda" else float("inf")
     for stage, settings in recipe.stages:
         if stage == "collect_calibration":
             continue  # the transformer alone cannot sample: calibrated on the inputs above
-        s = dict(settings)
+        st = dict(settings)
         if stage == "qvdit_distill":
-            s.update(iters=iters, batch_size=2, rows=16)
+            st.update(iters=iters, batch_size=batch, rows=2 * len(inputs))
         info = STAGES[stage]
-        _, sec, peak = timed(dev, lambda: info.fn(session, info.settings(**s)))
-        extra = {}
+        _, sec, peak = timed(dev, lambda: info.fn(session, info.settings(**st)))
+        per_rank = peaks(peak)
+        extra: dict[str, Any] = {}
         if stage == "qvdit_distill":
             rep = session.reports[-1]
             extra = {"iterations": rep.summary["iterations"], "seconds_per_iteration": sec / max(1, iters),
+                     "samples_per_second": iters * batch / sec, "batch": batch,
                      "err_before": rep.summary["mean_err_before"], "err_after": rep.summary["mean_err_after"]}
-        total = torch.cuda.get_device_properties(0).total_memory / 2**30 if dev.type == "cuda" else float("inf")
-        rows.add(model=model, recipe="q-vdit-w4a6", part="stage", stage=stage, seconds=sec, peak_gib=peak,
-                 fits_one_gpu=peak < total, **extra)
+        rows.add(model=model, recipe="q-vdit-w4a6", part="stage", stage=stage, seconds=sec, peak_gib=max(per_rank),
+                 peak_gib_per_rank=per_rank, fits_one_gpu=max(per_rank) < total, ranks=ranks, **extra)
+    if probe_out is not None and distributed.is_main():
+        with torch.no_grad():
+            y = session.qtransformer(**inputs[0])[0].double().flatten().cpu()
+        probe_out.write_text(json.dumps({"ranks": ranks, "norm": float(y.norm()), "values": y[:4096].tolist()}))
+    if distributed.active():
+        distributed.shutdown()
 
 
-def render(paths: list[Path], out: Path) -> None:
-    """docs/real-models.md from the JSON rows of one or more runs."""
+def render(paths: list[Path], out: Path, notes: list[str] | None = None) -> None:
+    """docs/real-models.md from the JSON rows of one or more runs (and `notes`: what a run did not finish)."""
     data = [json.loads(p.read_text()) for p in paths]
     rows = [r for d in data for r in d["rows"]]
     env = data[0]["env"]
     lines = ["# Real-size models on one GPU (random weights)", "",
-             "Generated by `python scripts/real_models.py render` from the rows of `scripts/real_models.py run` "
-             "(see the script's docstring for what each row measures); do not edit by hand.", "",
+             "Generated by `python scripts/real_models.py render` from the rows that `scripts/real_models.py run` "
+             "wrote (kept beside this page in `docs/real-models/`; the script's docstring says what each row "
+             "measures); do not edit by hand.", "",
              f"- GPU: {env['gpu']}; torch {env['torch']}, triton {env['triton']}, diffusers {env['diffusers']}, "
-             f"transformers {env['transformers']}; run {', '.join(sorted({d['env']['date'] for d in data}))}",
+             f"transformers {env['transformers']}; runs {', '.join(sorted({d['env']['date'] for d in data}))} (UTC)",
              "- weights: random, from the published configs (no checkpoint can be downloaded here): times and "
              "memory are those of the real models; PSNR measures how far quantization moves a random model's video.",
+             "- calibration: 2 prompts of 8 sampling steps each (the recipes ask for 8 or 16 prompts), to fit a "
+             "session's 30 minutes of GPU time; the stages and formats are the recipe's.",
              ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         mr = [r for r in rows if r["model"] == model]
@@ -263,15 +296,20 @@ def render(paths: list[Path], out: Path) -> None:
         lines += [f"## {model}", ""]
         if "frames" in build:
             lines += [f"{build['frames']} frames at {build['height']}x{build['width']}, {build['steps']} steps, guidance "
-                      f"{build['guidance']}; pipeline built on the GPU in {build['seconds']:.1f} s.", ""]
+                      f"{build['guidance']}; pipeline built on the GPU in {build['seconds']:.1f} s, saved in "
+                      f"{build['save_seconds']:.0f} s.", ""]
+        elif "params" in build:
+            lines += [f"{build['params'] / 1e9:.2f} B parameters, built on the GPU in {build['seconds']:.1f} s "
+                      f"(peak {build['peak_gib']:.1f} GiB); {build.get('ranks', 1)} rank(s) under torchrun (NCCL).", ""]
         gens = [r for r in mr if r["part"] == "generate"]
         if gens:
             lines += ["| generation | s / video | vs bf16 compile | peak GiB | PSNR vs FP (dB) |", "|---|---:|---:|---:|---:|"]
             for r in gens:
-                lines.append(f"| {r.get('recipe', 'FP')}: {r['variant']} | {r['seconds_per_video']:.1f} | "
-                             f"{r.get('speedup_vs_bf16_compile', 1.0):.2f}x | {r['peak_gib']:.1f} | "
-                             f"{r['psnr_vs_fp']:.2f} |" if "psnr_vs_fp" in r else
-                             f"| FP: {r['variant']} | {r['seconds_per_video']:.1f} | 1.00x | {r['peak_gib']:.1f} | - |")
+                if "psnr_vs_fp" in r:
+                    lines.append(f"| {r['recipe']}: {r['variant']} | {r['seconds_per_video']:.1f} | "
+                                 f"{r['speedup_vs_bf16_compile']:.2f}x | {r['peak_gib']:.1f} | {r['psnr_vs_fp']:.2f} |")
+                else:
+                    lines.append(f"| FP: {r['variant']} | {r['seconds_per_video']:.1f} | 1.00x | {r['peak_gib']:.1f} | - |")
             lines.append("")
         stages = [r for r in mr if r["part"] in ("stage", "calibration")]
         if stages:
@@ -286,11 +324,17 @@ def render(paths: list[Path], out: Path) -> None:
                 lines.append(f"- {r['recipe']}: quantized in {r['seconds'] / 60:.1f} min (all stages), saved in "
                              f"{r['save_seconds']:.0f} s, exported in {r['export_seconds']:.0f} s; packed weights "
                              f"{r['packed_ratio_vs_bf16']:.2f}x bf16; {r['kernel_layers']} of {r['layers']} layers run a kernel.")
+            if r["part"] == "generate" and r.get("quant_attention_calls"):
+                lines.append(f"- {r['recipe']}: {r['quant_attention_calls']} attention calls ran the quantized attention "
+                             "kernel during the timed video.")
             if r["part"] == "stage" and r.get("stage") == "qvdit_distill" and "iterations" in r:
-                lines.append(f"- Q-VDiT distillation: {r['iterations']} iterations, {r['seconds_per_iteration']:.2f} s each, "
-                             f"peak {r['peak_gib']:.1f} GiB (fits one GPU: {r['fits_one_gpu']}); output error vs FP "
+                lines.append(f"- Q-VDiT distillation: {r['iterations']} iterations of {r['batch']} rows, "
+                             f"{r['seconds_per_iteration']:.2f} s each ({r['samples_per_second']:.2f} rows/s), peak "
+                             f"{r['peak_gib']:.1f} GiB per GPU (fits one GPU: {r['fits_one_gpu']}); output error vs FP "
                              f"{r['err_before']:.4f} -> {r['err_after']:.4f}.")
         lines.append("")
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     out.write_text("\n".join(lines))
 
 
@@ -304,15 +348,19 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--calibration-prompts", type=int, default=4)
     r.add_argument("--wan14b", action="store_true", help="also the Wan2.1-14B transformer's distillation")
     r.add_argument("--wan14b-iters", type=int, default=50)
+    r.add_argument("--wan14b-batch", type=int, default=2, help="global batch (rows) of a distillation step")
+    r.add_argument("--probe-out", default=None, help="JSON of the 14B quantized output on a probe input")
     r.add_argument("--work", default=None, help="folder for the saved pipelines and runs (default: a temp folder)")
     r.add_argument("--dry-run-cpu", action="store_true",
                    help="tiny pipelines on the CPU, 2 steps: checks this script's logic without a GPU")
     w = sub.add_parser("render", help="write the markdown page from JSON rows")
     w.add_argument("json", nargs="+")
     w.add_argument("--out", default=str(ROOT / "docs" / "real-models.md"))
+    w.add_argument("--notes", default=None, help="text file, one note a line: what the runs did not finish")
     a = ap.parse_args(argv)
     if a.cmd == "render":
-        render([Path(p) for p in a.json], Path(a.out))
+        notes = [n.strip() for n in Path(a.notes).read_text().splitlines() if n.strip()] if a.notes else []
+        render([Path(p) for p in a.json], Path(a.out), notes)
         log(f"wrote {a.out}")
         return 0
     if not torch.cuda.is_available() and not a.dry_run_cpu:
@@ -325,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     for family in [m for m in a.models.split(",") if m and m != "none"]:
         run_pipeline(family, [x for x in a.recipes.split(",") if x], rows, work, a.calibration_prompts, size, steps)
     if a.wan14b:
-        run_wan14b(rows, a.wan14b_iters, tokens_frames=2, height=30, width=52, size=size)
+        run_wan14b(rows, a.wan14b_iters, tokens_frames=2, height=30, width=52, size=size, batch=a.wan14b_batch,
+                   probe_out=Path(a.probe_out) if a.probe_out else None)
     return 0
 
 

@@ -54,6 +54,29 @@ def test_end_to_end_mode_trains_the_whole_transformer():
     assert heldout_errors(s.qtransformer)["output"] < 0.75 * held_before
 
 
+def test_block_recomputation_gives_the_same_result():
+    """grad_checkpoint (e2e: every block recomputed in backward, on by default on a GPU) trains to the very same
+    parameters as keeping the activations, and the blocks' own forward is back afterwards."""
+    from workbench.models.adapters import transformer_blocks
+
+    states, ran = [], []
+    for recompute in (False, True):
+        s = fresh()
+        blocks = list(transformer_blocks(s.qtransformer))
+        calls = [0]
+        inner = next(m for m in blocks[0].modules() if m is not blocks[0])  # a recomputed block runs its children
+        hook = inner.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        run_distillation(s, DistillSettings(mode="e2e", iters=3, lr=1e-3, scale_lr=1e-3, train=["scales"],
+                                            eval_rows=0, grad_checkpoint=recompute))
+        hook.remove()
+        assert all("forward" not in vars(b) for b in blocks)
+        states.append(state_of(s.qtransformer))
+        ran.append(calls[0])
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert ran[1] > ran[0]  # the recomputation really ran the blocks again in backward
+
+
 def test_token_weights_enter_the_reconstruction_loss():
     """Per-token weights reach the loss the loop optimises: with weight 0 on every token but the first, the loss
     is the error of that token alone (recomputed from the FP and quantized block outputs of the same rows), and

@@ -118,8 +118,8 @@ Samples = list[tuple[float, torch.Tensor]]
 @torch.no_grad()
 def _fp_inputs(session: Session, names: list[str], rows: int) -> tuple[dict[str, torch.Tensor], dict[str, Samples]]:
     """Exact per-channel max |x| of every named layer's FP input over the whole calibration set, and a
-    random sample of about `rows` input rows per layer spread over the recorded timesteps (fp32, on the
-    layer's device)."""
+    random sample of about `rows` input rows per layer spread over the recorded timesteps (in the model's
+    dtype, on the layer's device)."""
     cal = session.calibration
     per_entry = max(8, rows // max(1, len(cal.entries)))
     g = session.rng(23)
@@ -133,7 +133,7 @@ def _fp_inputs(session: Session, names: list[str], rows: int) -> tuple[dict[str,
         a = m.abs().amax(0).float()
         absmax[name] = a if name not in absmax else torch.maximum(absmax[name], a)
         idx = torch.randperm(m.shape[0], generator=g)[:per_entry]
-        samples[name].append((cur[0], m[idx.to(m.device)].float()))
+        samples[name].append((cur[0], m[idx.to(m.device)]))
 
     fp = session.fp_transformer
     with capturing_inputs(fp, names, fn):
@@ -150,8 +150,8 @@ def layer_error(ql: QuantLinear, samples: Samples, max_timestep: float = 1000.0)
     for t, x in samples:
         with at_timestep(t, max_timestep):
             yq = ql(x)
-        y = F.linear(x, ql.weight, ql.bias)
-        num += float((yq - y).pow(2).sum())
+        y = F.linear(x, ql.weight, ql.bias).float()
+        num += float((yq.float() - y).pow(2).sum())
         den += float(y.pow(2).sum())
     return num / den if den > 0 else num
 
@@ -297,8 +297,8 @@ def calibrate_ranges(session: Session, settings: RangeSettings | None = None) ->
                     _calibrate_on(q, xs, max_t)
                     num = den = 0.0
                     for (t, x), (_, xt) in zip(samples[n], xs):
-                        y = F.linear(x, m.weight, m.bias)
-                        yq = F.linear(q(xt), wq, m.bias)
+                        y = F.linear(x, m.weight, m.bias).float()
+                        yq = F.linear(q(xt), wq, m.bias).float()
                         num += float((yq - y).pow(2).sum())
                         den += float(y.pow(2).sum())
                     row[f"err_{obs}"] = num / den if den > 0 else num

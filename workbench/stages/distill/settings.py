@@ -34,6 +34,9 @@ class DistillSettings:
     device: where blocks train (None: where the model is). In block mode a device other than the model's
         streams the blocks: the models stay where they are (e.g. the CPU) and each block's teacher and student
         move to `device` while they train, so a model whose weights fit on one GPU once is distilled there.
+    grad_checkpoint: e2e mode, recompute each transformer block in the backward pass instead of keeping its
+        activations and fake-quantized weights (None: on when the model is on a GPU, where memory is what limits
+        e2e on large models; the result is the same, a step costs about one more forward).
     """
 
     mode: str = "block"
@@ -55,6 +58,7 @@ class DistillSettings:
     checkpoint_every: int = 50
     resume: bool = True
     device: str | None = None
+    grad_checkpoint: bool | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
