@@ -56,7 +56,7 @@ def test_end_to_end_mode_trains_the_whole_transformer():
 
 def test_block_recomputation_gives_the_same_result():
     """grad_checkpoint (e2e: every block recomputed in backward, on by default on a GPU) trains to the very same
-    parameters as keeping the activations, and the blocks' own forward is back afterwards."""
+    parameters (to float rounding) as keeping the activations, and the blocks' own forward is back afterwards."""
     from workbench.models.adapters import transformer_blocks
 
     states, ran = [], []
@@ -73,7 +73,8 @@ def test_block_recomputation_gives_the_same_result():
         states.append(state_of(s.qtransformer))
         ran.append(calls[0])
     assert states[0].keys() == states[1].keys()
-    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    for k in states[0]:  # bit-identical in practice; float rounding is allowed should a kernel reorder a sum
+        torch.testing.assert_close(states[1][k], states[0][k], rtol=1e-5, atol=1e-7)
     assert ran[1] > ran[0]  # the recomputation really ran the blocks again in backward
 
 

@@ -104,6 +104,7 @@ def cmd_recipes(args) -> int:
 
 
 def cmd_quantize(args) -> int:
+    from workbench import distributed
     from workbench.cli.jobs import quantize_recipe
     from workbench.stages.interrupt import graceful_sigint
 
@@ -112,10 +113,11 @@ def cmd_quantize(args) -> int:
               "progress since the last one", file=sys.stderr, flush=True)
 
     with graceful_sigint(first_ctrl_c):
-        out = quantize_recipe(args.recipe, args.out, force=args.force, seed=args.seed, progress=True,
-                              restart=args.restart, model=args.model, options=_options(args), device=args.device,
-                              dtype=args.dtype)
-    print(f"wrote {out} (evaluate it: workbench eval {out} --json)")
+        out = quantize_recipe(args.recipe, args.out, force=args.force, seed=args.seed,
+                              progress=distributed.is_main(), restart=args.restart, model=args.model,
+                              options=_options(args), device=args.device, dtype=args.dtype)
+    if distributed.is_main():
+        print(f"wrote {out} (evaluate it: workbench eval {out} --json)")
     return 0
 
 
@@ -169,6 +171,17 @@ def cmd_bench(args) -> int:
         print(f"[{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['measured']}")
     print(f"wrote {s.out}")
     return 0
+
+
+def nproc_arg(text: str) -> int:
+    """argparse type of --nproc: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--nproc must be an integer >= 1, got {text[:40]!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--nproc must be an integer >= 1, got {value}")
+    return value
 
 
 def seed_arg(text: str) -> int:
@@ -277,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed_arg, default=0, help="seed of calibration and analysis")
     p.add_argument("--restart", action="store_true",
                    help="discard an unfinished run's checkpoints in --out and start over (default: resume it)")
+    p.add_argument("--nproc", type=nproc_arg, default=None,
+                   help="run on N processes of this host under torchrun: one per GPU with --device cuda (NCCL), "
+                        "CPU processes otherwise (gloo); the result equals the one-process result within float "
+                        "tolerance (see README, Several GPUs)")
     p.set_defaults(fn=cmd_quantize)
 
     p = sub.add_parser("eval", help="measure a quantized model (from `workbench quantize`) against full precision")
@@ -323,26 +340,99 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+USER_ERRORS = (PromptError, ValueError, FileExistsError, FileNotFoundError, FloatingPointError, RuntimeError,
+               PermissionError)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a user error prints `error: ...` (no traceback) and returns 2, an interrupted
-    resumable run prints how to resume and returns 130."""
-    from workbench.stages.interrupt import Interrupted
+    resumable run prints how to resume and returns 130.
+
+    `quantize --nproc N` starts torchrun with N workers instead (`workbench.distributed.launch`); a torchrun
+    worker (`torchrun ... -m workbench quantize ...`) joins the process group first (`_worker`)."""
+    from workbench import distributed
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if getattr(args, "nproc", None) is not None:
+        return _launch(args, argv)
+    if distributed.launched_by_torchrun():
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        return record(_worker)(args, argv)  # record: torchrun's failure summary shows this rank's error
+    return _run(args, argv)
+
+
+def _run(args, argv: list[str], worker: bool = False) -> int:  # noqa: ANN001
+    """The command, with its errors turned into messages; a worker re-raises them after naming its rank."""
+    from workbench.distributed.launch import resume_command
+    from workbench.stages.interrupt import Interrupted
+
     try:
         return args.fn(args)
     except Interrupted as e:
         print(f"\ninterrupted at {e.where}; progress is saved in {getattr(args, 'out', '')}/checkpoints. "
-              f"Resume with the same command:\n  workbench {shlex.join(argv)}", file=sys.stderr)
+              f"Resume with the same command:\n  {resume_command(argv)}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (PromptError, ValueError, FileExistsError, FileNotFoundError, FloatingPointError, RuntimeError,
-            PermissionError) as e:
+    except USER_ERRORS as e:
+        if worker:
+            _rank_failed(e, argv)
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if worker:
+            _rank_failed(e, argv)
+        raise
+
+
+def _rank_failed(e: BaseException, argv: list[str]) -> None:
+    from workbench import distributed
+    from workbench.distributed.launch import resume_command
+
+    first = (str(e).strip().splitlines() or [""])[0]
+    print(f"\n[rank {distributed.rank()} of {distributed.world()}] failed: {type(e).__name__}: {first}\n"
+          "The job stops; its checkpoints stay in --out. Once the cause is dealt with, the same command resumes "
+          f"(on any number of ranks):\n  {resume_command(argv)}", file=sys.stderr, flush=True)
+
+
+def _worker(args, argv: list[str]) -> int:  # noqa: ANN001
+    """One torchrun worker: join the process group (NCCL on this rank's GPU for --device cuda, else gloo),
+    run the command, leave the group; errors are raised, so torchrun names this rank as their source."""
+    from workbench import distributed
+
+    if args.command != "quantize":
+        raise distributed.DistributedError(
+            f"under torchrun only `workbench quantize` runs (`workbench {args.command}` would run once per rank): "
+            f"run `workbench {args.command}` without torchrun")
+    distributed.init_from_env(args.device)
+    ok = False
+    try:
+        code = _run(args, argv, worker=True)
+        ok = code == 0
+        return code
+    finally:
+        distributed.shutdown(ok)
+
+
+def _launch(args, argv: list[str]) -> int:  # noqa: ANN001
+    """`workbench quantize --nproc N`: the same command under torchrun with N workers on this host."""
+    from workbench.distributed import launch
+
+    if launch.launched_by_torchrun():
+        print("error: --nproc starts torchrun itself: drop --nproc when launching with torchrun", file=sys.stderr)
+        return 2
+    if str(args.device).startswith("cuda"):
+        import torch
+
+        if torch.cuda.device_count() < args.nproc:
+            print(f"error: --nproc {args.nproc} with --device {args.device} needs {args.nproc} GPUs; this machine has "
+                  f"{torch.cuda.device_count()}: lower --nproc (or use --device cpu)", file=sys.stderr)
+            return 2
+    return launch.relaunch(argv, args.nproc)
 
 
 if __name__ == "__main__":

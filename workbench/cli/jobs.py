@@ -115,7 +115,12 @@ def quantize_recipe(recipe: str, out: str | Path, force: bool = False, seed: int
     The output location is checked before any work. With `checkpoints` (the default) the run is resumable:
     its progress goes to `out/checkpoints/` (a snapshot after every stage, distillation checkpoints inside
     the loops); the same call again resumes there (`restart=True` starts over); the folder is removed once
-    the run is saved. `options` overrides the calibration prompts and video size."""
+    the run is saved. `options` overrides the calibration prompts and video size.
+
+    Under torchrun (a process group is initialised, `workbench.distributed`) every rank runs the recipe on its
+    own device (any CUDA `device` means the rank's GPU); rank 0 alone saves the result and removes the
+    checkpoints while the others wait."""
+    from workbench import distributed
     from workbench.io.outdir import check_output
     from workbench.io.rundir import CHECKPOINTS, FORMAT_NAME, save_quantized
     from workbench.recipes import load_recipe, run_recipe
@@ -124,14 +129,19 @@ def quantize_recipe(recipe: str, out: str | Path, force: bool = False, seed: int
         raise ValueError(f"seed must be a non-negative integer, got {seed}")
     r = load_recipe(recipe)  # a bad recipe fails before anything runs
     out = check_output(out, FORMAT_NAME, force=force, own=(CHECKPOINTS,))
+    if distributed.active():
+        device = str(distributed.rank_device(device))
     generator = load_model(model, device, dtype)
     r = options.apply(r, generator)
     check_video_settings(r, generator)  # a size or prompt the model cannot take fails before any work
     ckpt = out / CHECKPOINTS if checkpoints else None
     session = run_recipe(generator, r, progress=progress, seed=seed, checkpoint_dir=ckpt, restart=restart)
-    path = save_quantized(session, out, force=force)
-    if ckpt is not None:
-        discard_checkpoints(ckpt)
+    path = out
+    if distributed.is_main():
+        path = save_quantized(session, out, force=force)
+        if ckpt is not None:
+            discard_checkpoints(ckpt)
+    distributed.barrier("saving the quantized model")
     return path
 
 

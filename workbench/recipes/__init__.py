@@ -259,9 +259,14 @@ def run_recipe(model: Any, recipe: str | Path | Recipe, progress: bool = False, 
     recipe with the same seed, model and code again resumes from the last checkpoint and ends with the same
     result as an uninterrupted run. A checkpoint of another run there is an error (pass `restart=True` to
     discard it). Ctrl-C under `workbench.stages.interrupt.graceful_sigint` stops at the next checkpoint.
+
+    Under a process group (torchrun, `workbench.distributed`) every rank runs every stage; the stages split
+    their work where it pays (calibration sampling, distillation) and all ranks end each stage with the same
+    session, which is checked. Rank 0 alone writes the run folder and the snapshots; every rank reads them.
     """
     from tqdm.auto import tqdm
 
+    from workbench import distributed
     from workbench.session import Session
     from workbench.stages import STAGES, interrupt
 
@@ -283,14 +288,31 @@ def run_recipe(model: Any, recipe: str | Path | Recipe, progress: bool = False, 
                 if run is not None and key in fields and settings.get(key) is None:
                     settings[key] = str(run.stage_dir(i, name))
             info.fn(session, info.settings(**settings))
+            if distributed.active():
+                _check_ranks_agree(session, f"stage {i + 1} ({name})")
             if run is not None:
                 run.snapshot(session, i)
+                if distributed.any_rank(interrupt.stop_requested()):  # ranks stop together or not at all
+                    interrupt.request_stop()
                 interrupt.check(where=f"after stage {i + 1}/{len(plan)} ({name})")
     except BaseException:
-        if run is not None and not run.has_progress():
+        if run is not None and distributed.is_main() and not run.has_progress():
             run.discard()  # nothing to resume: leave no folder that reads as an unfinished run
         raise
     return session
+
+
+def _check_ranks_agree(session, where: str) -> None:  # noqa: ANN001
+    """Every rank holds the same quantized model and calibration after `where` (else DistributedError)."""
+    from workbench import distributed
+    from workbench.io.checkpoint import fingerprint, module_fingerprint
+
+    cal = session.calibration
+    cal_key = None if cal is None else [(e.step, e.timestep, e.batch, e.path) for e in cal.entries]
+    distributed.check_same(fingerprint({"model": module_fingerprint(session.qtransformer), "calibration": cal_key,
+                                        "quant": None if session.quant_config is None else
+                                        session.quant_config.to_dict()}),
+                           f"session after {where} (quantized model, calibration, quant config)")
 
 
 @dataclasses.dataclass
@@ -308,6 +330,7 @@ class ResumableRun:
     def __post_init__(self) -> None:
         import json
 
+        from workbench import distributed
         from workbench.io.checkpoint import code_fingerprint, fingerprint, module_fingerprint
         from workbench.session import Session
 
@@ -316,23 +339,28 @@ class ResumableRun:
                     "code": code_fingerprint()}
         self.fp = fingerprint(self.key)
         path = self.directory / self.RUN_FILE
-        if path.is_file() and self.restart:
-            self.discard()
-        if path.is_file():
-            try:
-                saved = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-                saved = {}
-            if saved.get("fingerprint") != self.fp:
-                what = [k for k in self.key if (saved.get("key") or {}).get(k) != self.key[k]]
-                raise RecipeError(
-                    f"{self.directory} holds an unfinished run of another command (different "
-                    f"{', '.join(what) or 'run'}: recipe {(saved.get('key') or {}).get('recipe', {}).get('name')!r}, "
-                    f"seed {(saved.get('key') or {}).get('seed')}); rerun that command to resume it, or pass "
-                    "--restart to discard it and start this one")
-        else:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"fingerprint": self.fp, "key": self.key}, indent=1))
+        fresh = False
+        if distributed.is_main():  # one writer; every rank then checks the same file
+            if path.is_file() and self.restart:
+                self.discard()
+            if not path.is_file():
+                self.directory.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps({"fingerprint": self.fp, "key": self.key}, indent=1))
+                fresh = True
+        distributed.barrier("the run's checkpoint folder")
+        if fresh:
+            return
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            saved = {}
+        if saved.get("fingerprint") != self.fp:
+            what = [k for k in self.key if (saved.get("key") or {}).get(k) != self.key[k]]
+            raise RecipeError(
+                f"{self.directory} holds an unfinished run of another command (different "
+                f"{', '.join(what) or 'run'}: recipe {(saved.get('key') or {}).get('recipe', {}).get('name')!r}, "
+                f"seed {(saved.get('key') or {}).get('seed')}); rerun that command to resume it, or pass "
+                "--restart to discard it and start this one")
 
     @property
     def snapshot_path(self) -> Path:
@@ -347,9 +375,13 @@ class ResumableRun:
         return self.directory / f"stage{index + 1:02d}-{name}"
 
     def snapshot(self, session, index: int) -> None:  # noqa: ANN001
+        """Rank 0 writes the snapshot (every rank holds the same session); the others wait for it."""
+        from workbench import distributed
         from workbench.io.snapshot import save_snapshot
 
-        save_snapshot(session, self.snapshot_path, self.fp, index + 1)
+        if distributed.is_main():
+            save_snapshot(session, self.snapshot_path, self.fp, index + 1)
+        distributed.barrier(f"the snapshot after stage {index + 1}")
 
     def restore(self, model: Any, progress: bool):  # noqa: ANN201
         from workbench.io.snapshot import restore_snapshot
@@ -365,10 +397,12 @@ class ResumableRun:
         """Delete the files a resumable run writes in `directory` (snapshot, stage folders of checkpoints,
         run.json), then `directory` itself when nothing else is left in it."""
         from workbench.io.checkpoint import remove_checkpoint
+        from workbench.stages.distill.checkpoint import remove_loop_checkpoints
 
         remove_checkpoint(directory / "session")
         for d in directory.glob("stage[0-9][0-9]-*"):
             if d.is_dir():
+                remove_loop_checkpoints(d)
                 for f in d.iterdir():
                     if f.is_file() and f.suffix in (".json", ".safetensors", ".tmp"):
                         f.unlink()

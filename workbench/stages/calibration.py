@@ -14,6 +14,13 @@ text embeddings; the bundled model needs about 0.26 MB per prompt and step (8 pr
 (reported in the stage summary as `kept_steps`). Optional per-layer input activations
 (`layer_inputs=True`) keep at most `layer_rows` random token rows per layer (all steps together), so
 they cost `layer_rows x in_features x 4` bytes per layer and also count against `max_mb`.
+
+Several ranks (torchrun, `workbench.distributed`): the sampling batches (`batch_size` prompts each, the very
+batches one process makes, with the same per-prompt seeds) are dealt round-robin to the ranks; each rank writes
+its recorded calls to the shared spill folder, and every rank then assembles the same cache in the one-process
+order, keeping in memory what one process would keep. The cache therefore equals the one-process cache bit for
+bit (sampling a prompt in another batch would change it by float noise). With fewer batches than ranks some
+ranks have nothing to sample: lower `batch_size` to spread the prompts.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from workbench import distributed
 from workbench.models.generator import GenerationSettings
 from workbench.session import Session
 
@@ -121,6 +129,13 @@ class CalibrationEntry:
         if saved is None:
             raise FileNotFoundError(f"spilled calibration entry {self.path}.json is gone; collect calibration again")
         return tuple(saved["args"]), dict(saved["kwargs"])
+
+    def in_memory(self) -> CalibrationEntry:
+        """This call with its tensors in memory (a spilled entry is read back once)."""
+        if self.path is None:
+            return self
+        args, kwargs = self._load()
+        return CalibrationEntry(self.step, self.timestep, args, kwargs, self.batch, self.prompt_ids)
 
     def spill(self, path: Path) -> CalibrationEntry:
         """Write the tensors to `path` (.safetensors + .json) and keep only the reference in memory."""
@@ -375,8 +390,12 @@ def collect_calibration(session: Session, settings: CalibrationSettings | None =
     n_batches = math.ceil(len(prompts) / batch_size)
     keep: set[int] = set(range(gen.steps))
     notes: list[str] = []
-    seen = {"t": None, "step": -1, "first": 0, "n": 0}  # the current generate call's step counter and prompts
+    seen = {"t": None, "step": -1, "first": 0, "n": 0, "batch": 0}  # the current generate call's step counter
     spill_root: list[Path] = []
+    sharded = distributed.active()
+    recorded: list = [] if sharded else cache.entries  # sharded: (batch, call, nbytes, spilled entry) per call
+    shards = None
+    plan_here = True  # whether this process plans the kept steps (spill=False) from its first call
 
     def spill_dir() -> Path:
         if not spill_root:
@@ -396,7 +415,7 @@ def collect_calibration(session: Session, settings: CalibrationSettings | None =
         entry.step = seen["step"]
         ids = list(range(seen["first"], seen["first"] + seen["n"]))
         entry.prompt_ids = ids * (entry.batch // len(ids)) if entry.batch % len(ids) == 0 else None
-        if not cache.entries and entry.step == 0 and not s.spill:
+        if not recorded and entry.step == 0 and not s.spill and plan_here:
             # plan the memory: every batch records `steps` steps of about this size
             per = max(entry.nbytes, 1)
             fit = max(1, budget // (per * n_batches))
@@ -405,17 +424,37 @@ def collect_calibration(session: Session, settings: CalibrationSettings | None =
                 notes.append(f"max_mb={s.max_mb} keeps {len(keep)} of {gen.steps} steps per trajectory")
         if entry.step not in keep:
             return
-        if cache.nbytes + entry.nbytes <= budget:
+        if sharded:  # every call goes to a file; the merge decides what stays in memory
+            nbytes, name = entry.nbytes, f"b{seen['batch']:05d}-c{len(recorded):05d}"
+            recorded.append((seen["batch"], len(recorded), nbytes, entry.spill(shards.part(name))))
+        elif cache.nbytes + entry.nbytes <= budget:
             cache.entries.append(entry)
         elif s.spill:
             cache.entries.append(entry.spill(spill_dir() / f"entry-{len(cache.entries):06d}"))
 
     transformer = session.fp_transformer
-    for i in tqdm(range(0, len(prompts), batch_size), desc="calibration trajectories", disable=not session.progress,
-                  leave=False):
-        seen.update(t=None, step=-1, first=i, n=len(prompts[i:i + batch_size]))
+    starts = list(range(0, len(prompts), batch_size))
+    if sharded:  # this rank's sampling batches (round-robin) and the folder all ranks share
+        from workbench.distributed.shards import ShardFolder
+
+        shards = ShardFolder.open(s.spill_dir, {"prompts": prompts, "seeds": seeds, "generation": repr(gen),
+                                                "batch_size": batch_size, "spill": s.spill, "max_mb": s.max_mb},
+                                  what="calibration")
+        mine = list(range(distributed.rank(), n_batches, distributed.world()))
+        # a rank plans like one process only from a full first batch (the last batch may hold fewer prompts)
+        plan_here = bool(mine) and len(prompts[starts[mine[0]]:starts[mine[0]] + batch_size]) == len(prompts[:batch_size])
+    else:
+        mine = list(range(n_batches))
+    for b in tqdm(mine, desc="calibration trajectories", disable=not session.progress, leave=False):
+        i = starts[b]
+        seen.update(t=None, step=-1, first=i, n=len(prompts[i:i + batch_size]), batch=b)
         with recording_calls(transformer, sink):
-            model.generate(prompts[i:i + batch_size], seeds[i:i + batch_size], gen, decode=False)
+            model.generate(prompts[i:i + batch_size], seeds[i:i + batch_size], gen)
+    if sharded:
+        keep, notes = _merge_shards(shards, recorded, keep if plan_here else None, cache, budget, s, gen.steps)
+        if n_batches < distributed.world():
+            notes.append(f"{n_batches} sampling batch(es) of {batch_size} prompts for {distributed.world()} ranks: "
+                         "some ranks had no trajectories to sample; lower batch_size to spread the prompts")
     if s.layer_inputs:
         collect_layer_inputs(session, rows=s.layer_rows, cache=cache, max_bytes=budget - cache.nbytes)
     session.calibration = cache
@@ -446,6 +485,38 @@ def collect_calibration(session: Session, settings: CalibrationSettings | None =
         seconds=time.perf_counter() - t0,
     )
     return session.add(report)
+
+
+def _merge_shards(shards, recorded: list, keep: set[int] | None, cache: CalibrationCache, budget: int,  # noqa: ANN001
+                  s: CalibrationSettings, steps: int) -> tuple[set[int], list[str]]:
+    """Every rank's recorded calls (files in the shared folder) into `cache.entries`, on every rank, as one
+    process would have recorded them: in sampling-batch order, only the steps rank 0 planned to keep (rank 0
+    samples the first batch, which is what one process plans from), in memory up to max_mb and spilled (or,
+    with spill=False, dropped) past it. Returns (kept steps, notes)."""
+    index = {"calls": [{"batch": b, "call": c, "nbytes": n, "step": e.step, "timestep": e.timestep, "rows": e.batch,
+                        "prompt_ids": e.prompt_ids, "path": e.path} for b, c, n, e in recorded],
+             "keep": None if keep is None else sorted(keep)}
+    indexes = shards.exchange(index)
+    kept = set(indexes[0]["keep"]) if indexes[0]["keep"] is not None else set(range(steps))
+    calls = sorted((c for ix in indexes for c in ix["calls"]), key=lambda c: (c["batch"], c["call"]))
+    still_needed: set[str] = set()
+    for c in calls:
+        if c["step"] not in kept:
+            continue
+        entry = CalibrationEntry(int(c["step"]), float(c["timestep"]), None, None, int(c["rows"]), c["prompt_ids"],
+                                 c["path"])
+        if cache.nbytes + c["nbytes"] <= budget:
+            cache.entries.append(entry.in_memory())
+        elif s.spill:
+            cache.entries.append(entry)
+            still_needed.add(c["path"])
+    shards.cleanup(keep=still_needed)
+    notes = []
+    if len(kept) < steps:
+        notes.append(f"max_mb={s.max_mb} keeps {len(kept)} of {steps} steps per trajectory")
+    if still_needed:
+        notes.append(f"calls past max_mb={s.max_mb} were written to {shards.root} (read back when replayed)")
+    return kept, notes
 
 
 def calibration_from_inputs(session: Session, inputs: list[dict[str, Any]], timestep_arg: str = "timestep") -> CalibrationCache:
@@ -506,8 +577,12 @@ def collect_layer_inputs(
     kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def fn(name: str, x: torch.Tensor, out: torch.Tensor) -> None:
-        m = x.detach().reshape(-1, x.shape[-1]).float().cpu()
+        m = x.detach().reshape(-1, x.shape[-1])
         keys = torch.rand(m.shape[0], generator=g)
+        if m.shape[0] > rows:  # only rows that can survive the reservoir leave the device
+            keys, idx = keys.topk(rows, largest=False)
+            m = m[idx.to(m.device)]
+        m = m.float().cpu()
         if name in kept:
             old, old_keys = kept[name]
             m, keys = torch.cat([old, m]), torch.cat([old_keys, keys])

@@ -1,8 +1,9 @@
 """Distillation shared by the Q-VDiT, S2Q-VDiT and MPQ-DMv2 recipes, one file per kind of code:
 
 settings (`DistillSettings`), rows (calibration calls as training rows), losses (relative MSE, extra terms),
-trainable (what is trained), loop (`run_distillation`, phases; checkpoints through `workbench.io.checkpoint`)
-and stage (the plain `distill` stage and report helpers). The modules a trained model carries (TQE, LoRA,
+trainable (what is trained), loop (`run_distillation`, phases, on one process or several ranks), checkpoint
+(the loop's checkpoints: `workbench.io.checkpoint` files, or distributed checkpoints under torchrun) and stage
+(the plain `distill` stage and report helpers). The modules a trained model carries (TQE, LoRA,
 binary residual, weight deltas) live in `workbench.quant.compensation`.
 """
 

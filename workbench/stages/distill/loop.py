@@ -18,24 +18,41 @@ It reads as four phases:
    generator, term states, curves) is written every `checkpoint_every` iterations and when a unit ends;
    running again with the same settings resumes there and ends with the same result as an uninterrupted
    run (block inputs are recomputed from the restored model, bit for bit).
+
+Several ranks (torchrun, `workbench.distributed`): the same phases on every rank. Each step every rank draws the
+same global batch from the seeded generator and computes its slice of the rows; the slices are gathered and every
+rank computes the one-process loss on the whole batch (`RowSplit`), so the gradient equals the one-process
+gradient up to float rounding. Block mode trains an FSDP2-sharded copy of each quantized block (its trainable
+parameters created first) against a sharded copy of the FP block, then copies the trained values back into the
+session's model on every rank. End-to-end mode keeps the transformer replicated and all-reduces the gradients
+of its trainable parameters: they are small (scales, low-rank branches) and the whole model must sit on every
+rank for e2e anyway, so sharding it would save little and make the session's model a sharded one. Rows that
+only run forward (targets, block inputs, errors) are computed by every rank for all rows. `batch_size` must be
+at least the number of ranks (every rank runs the same forward and backward calls each step).
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from workbench import distributed
+from workbench.distributed import sharding
+from workbench.distributed.data_parallel import RowSplit
 from workbench.quant import QuantLinear
 from workbench.session import Session
-from workbench.io.checkpoint import fingerprint, load_checkpoint, save_checkpoint
+from workbench.io.checkpoint import fingerprint
 from workbench.stages import interrupt
+from workbench.stages.distill.checkpoint import LoopCheckpoint, OptimizerRestore
 from workbench.stages.distill.losses import Term, TermContext, weighted_rel_mse
 from workbench.stages.distill.rows import (Rows, bind_call, first_block_calls, has_timestep_wise, hidden_leaf,
                                            propagate, run_unit, sample_rows, select_rows, to_cpu, unit_error)
@@ -84,13 +101,13 @@ class UnitJob:
     weights: torch.Tensor | None = None  # (N, S) per-token loss weights
     whole_model: bool = False
     start_iter: int = 0
-    opt_state: dict[str, Any] | None = None
+    opt_state: OptimizerRestore | None = None  # fills the fresh optimizer when resuming mid-unit
 
 
 @dataclass
 class LoopState:
-    """What the loop carries across units: settings, terms, the generator, results, evaluation rows and
-    the checkpoint writer."""
+    """What the loop carries across units: settings, terms, the generator, results, evaluation rows, the
+    checkpoint writer and how a step's rows are shared by the ranks."""
 
     session: Session
     settings: DistillSettings
@@ -100,8 +117,9 @@ class LoopState:
     grid: tuple[int, int, int] | None
     eval_idx: torch.Tensor | None
     device: torch.device
-    save: Callable[[int, int, torch.optim.Optimizer | None], None]
+    save: Callable[[int, int, torch.optim.Optimizer | None, UnitJob | None], None]
     on_step: Callable[[str, int, float], None] | None
+    split: RowSplit = field(default_factory=RowSplit)
 
 
 def _lr_factor(s: DistillSettings, it: int) -> float:
@@ -161,9 +179,17 @@ def run_distillation(
     t_start = time.perf_counter()
     fp, q = session.fp_transformer, session.qtransformer
     home = next(q.parameters()).device
-    device = torch.device(s.device) if s.device is not None else home
+    device = distributed.rank_device(s.device) if s.device is not None else home
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"distillation device {s.device!r} asks for CUDA, which this machine lacks: pass device=None")
+    split = RowSplit("local")
+    if distributed.active():
+        split = RowSplit("fsdp" if s.mode == "block" else "allreduce")
+        if s.batch_size < distributed.world():
+            raise ValueError(
+                f"distillation batch_size {s.batch_size} is smaller than the {distributed.world()} ranks: every rank "
+                f"computes at least one row of each step; raise batch_size to >= {distributed.world()} or use fewer "
+                "ranks")
 
     # phase 1: rows
     entries = list(session.calibration.entries)
@@ -180,36 +206,34 @@ def run_distillation(
     d = {k: v for k, v in asdict(s).items() if k not in ("checkpoint_dir", "checkpoint_every", "resume", "device")}
     fp_hash = fingerprint({"name": name, "settings": plain(d), "units": unit_names, "rows": n,
                            "terms": [(t.name, t.weight) for t in terms], "extra": plain(fingerprint_extra or {})})
-    ckpt = None if s.checkpoint_dir is None else Path(s.checkpoint_dir) / name
-    state = load_checkpoint(ckpt, fp_hash) if (ckpt is not None and s.resume) else None
+    ckpt = None if s.checkpoint_dir is None else LoopCheckpoint(Path(s.checkpoint_dir) / name, fp_hash)
+    state = ckpt.load(q) if (ckpt is not None and s.resume) else None
     gen = torch.Generator().manual_seed(s.seed)
     results = [UnitResult(u, u in todo) for u in unit_names]
     resumed_from = None
     if state is not None:
-        q.load_state_dict(state["model"], strict=True)
-        gen.set_state(state["generator"])
-        for r, saved in zip(results, state["results"]):
+        gen.set_state(state.generator)
+        for r, saved in zip(results, state.results):
             r.__dict__.update(saved)
-        for t, ts in zip(terms, state.get("terms", [])):
+        for t, ts in zip(terms, state.terms):
             if ts is not None and hasattr(t.fn, "load_state_dict"):
                 t.fn.load_state_dict(ts)
-        resumed_from = f"{ckpt} (unit {state['unit']}, iteration {state['iteration']})"
-    start_unit = 0 if state is None else int(state["unit"])
-    start_iter = 0 if state is None else int(state["iteration"])
-    opt_state = None if state is None else state["optimizer"]
+        resumed_from = state.where
+    start_unit = 0 if state is None else state.unit
+    start_iter = 0 if state is None else state.iteration
+    opt_state = None if state is None else state.optimizer
+    trained_keys: set[str] = set() if state is None else set(state.trained_keys)  # what distributed saves hold
 
-    def save(unit_i: int, it: int, opt: torch.optim.Optimizer | None) -> None:
+    def save(unit_i: int, it: int, opt: torch.optim.Optimizer | None, job: UnitJob | None = None) -> None:
         if ckpt is None:
             return
-        save_checkpoint(ckpt, fp_hash, {
-            "unit": unit_i, "iteration": it, "model": q.state_dict(),
-            "optimizer": None if opt is None else opt.state_dict(), "generator": gen.get_state(),
-            "results": [asdict(r) for r in results],
-            "terms": [t.fn.state_dict() if hasattr(t.fn, "state_dict") else None for t in terms],
-        })
+        loop_state = {"generator": gen.get_state(), "results": [asdict(r) for r in results],
+                      "terms": [t.fn.state_dict() if hasattr(t.fn, "state_dict") else None for t in terms]}
+        ckpt.save(q, unit_i, it, loop_state, opt, None if job is None else job.module,
+                  "" if job is None or job.whole_model else f"{job.name}.", trained_keys)
 
     eval_idx = torch.linspace(0, n - 1, min(s.eval_rows, n)).round().long().unique() if s.eval_rows else None
-    loop = LoopState(session, s, terms, gen, results, grid, eval_idx, device, save, on_step)
+    loop = LoopState(session, s, terms, gen, results, grid, eval_idx, device, save, on_step, split)
     captured: dict[str, torch.Tensor] = {}
 
     # phase 2: units, in order
@@ -225,23 +249,39 @@ def run_distillation(
         q_h = q_rows.per_row[hleaf][keep] if s.inputs == "quant" else fp_h
         fp_rows, q_rows = fp_rows.subset(keep), q_rows.subset(keep)
         for ui, (uname, fb, qb) in enumerate(zip(unit_names, fp_blocks, q_blocks)):
-            fb.to(device), qb.to(device)  # streaming: only this block's teacher and student on the device
+            trained = uname in todo and ui >= start_unit
+            if split.parallel:  # sharded copies on this rank's device; the session's blocks stay as they are
+                names = trainable_names(qb, s) if trained else set()
+                trained_keys.update(f"{uname}.{k}" for k in names)
+                teacher = sharding.shard_copy(fb, device, reshard_after_forward=True)
+                student = no_weight_cache(sharding.shard_copy(qb, device, names))
+            else:
+                fb.to(device), qb.to(device)  # streaming: only this block's teacher and student on the device
+                teacher, student = fb, qb
             fp_batch = fp_rows.batch_fn(hleaf, fp_h, device)
             q_batch = q_rows.batch_fn(hleaf, q_h, device)
-            target = propagate(fb, fp_batch, n, row_ts, fp_h.device)
+            target = propagate(teacher, fp_batch, n, row_ts, fp_h.device)
+            del teacher  # a sharded copy is freed here; the session's FP block stays
             weights = None
             if token_weights is not None and uname in todo:
-                weights = token_weights(uname, fb, fp_batch, n).detach().float().cpu()
+                with _on_device(fb, device, home) if split.parallel else nullcontext():
+                    weights = token_weights(uname, fb, fp_batch, n).detach().float().cpu()
                 captured[uname] = weights if eval_idx is None else weights[eval_idx]
-            if uname in todo and ui >= start_unit:
+            if trained:
                 resuming = state is not None and ui == start_unit
-                train_unit(loop, UnitJob(uname, ui, qb, q_batch, target, row_ts, weights,
+                train_unit(loop, UnitJob(uname, ui, student, q_batch, target, row_ts, weights,
                                          start_iter=start_iter if resuming else 0,
                                          opt_state=opt_state if resuming else None))
+                if split.parallel:
+                    sharding.copy_back(student, qb, names)
                 save(ui + 1, 0, None)
-            q_h = propagate(qb, q_batch, n, row_ts, fp_h.device) if s.inputs == "quant" else target
+            q_h = propagate(student, q_batch, n, row_ts, fp_h.device) if s.inputs == "quant" else target
             fp_h = target
-            fb.to(home), qb.to(home)
+            if split.parallel:
+                del student
+                gc.collect()  # FSDP modules hold reference cycles: free this block's shards now
+            else:
+                fb.to(home), qb.to(home)
     else:
         if device != home:
             raise ValueError("mode='e2e' trains the whole transformer on its own device: leave device unset (or "
@@ -251,10 +291,31 @@ def run_distillation(
         batch = lambda idx: rows.batch(idx, device)  # noqa: E731
         target = propagate(fp, batch, n, row_ts, torch.device("cpu"), split=True).float()
         if start_unit == 0:
+            if split.parallel:
+                trained_keys.update(trainable_names(q, s))
             train_unit(loop, UnitJob("transformer", 0, q, batch, target, row_ts, None, whole_model=True,
                                      start_iter=start_iter, opt_state=opt_state))
             save(1, 0, None)
     return DistillResult(results, resumed_from, grid, n, time.perf_counter() - t_start, captured)
+
+
+@contextmanager
+def checkpointed_blocks(model: nn.Module, on: bool) -> Iterator[None]:
+    """While active, every transformer block of `model` runs under activation checkpointing (non-reentrant):
+    backward recomputes the block from its inputs, so only block boundaries are kept for the whole model."""
+    from torch.utils.checkpoint import checkpoint
+
+    from workbench.models.adapters import transformer_blocks
+
+    blocks = list(transformer_blocks(model)) if on else []
+    for b in blocks:
+        inner = b.forward
+        b.forward = lambda *a, _f=inner, **k: checkpoint(_f, *a, use_reentrant=False, **k)  # instance attribute
+    try:
+        yield
+    finally:
+        for b in blocks:
+            del b.forward
 
 
 def train_unit(loop: LoopState, job: UnitJob) -> None:
@@ -278,39 +339,42 @@ def train_unit(loop: LoopState, job: UnitJob) -> None:
     snapshot = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in groups], betas=(0.9, 0.999))
     if job.opt_state is not None and job.start_iter > 0:
-        opt.load_state_dict(job.opt_state)
+        job.opt_state(job.module, opt)
     base_lrs = [g["lr"] for g in groups]
     for p in params:
         p.requires_grad_(True)
     n = job.target.shape[0]
+    recompute = s.grad_checkpoint if s.grad_checkpoint is not None else params[0].is_cuda
     try:
-        bar = tqdm(range(job.start_iter, s.iters), desc=f"distill {job.name}", disable=not loop.session.progress,
-                   leave=False, initial=job.start_iter, total=s.iters)
-        for it in bar:
-            idx = sample_rows(loop.generator, n, s.batch_size, job.row_ts, split)
-            for g, lr in zip(opt.param_groups, base_lrs):
-                g["lr"] = lr * _lr_factor(s, it)
-            total, parts = _loss(loop, job, idx, it, split, mode)
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            if s.grad_clip is not None:
-                gn = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
-                if not torch.isfinite(gn):
-                    raise DistillDivergedError(
-                        f"distillation diverged in {job.name} at iteration {it + 1} of {s.iters}: the gradient "
-                        f"is {float(gn)}. Lower the learning rate (lr={s.lr:g}; try lr={s.lr / 10:g}); {job.name} "
-                        "was restored to its state before this training")
-            opt.step()
-            post_step(groups)
-            result.curves.setdefault("total", []).append(float(total.detach()))
-            for k, v in parts.items():
-                result.curves.setdefault(k, []).append(float(v.detach()))
-            if s.checkpoint_every and (it + 1) % s.checkpoint_every == 0 and it + 1 < s.iters:
-                loop.save(job.index, it + 1, opt)
-            if loop.on_step is not None:
-                loop.on_step(job.name, it + 1, float(total.detach()))
-            if it + 1 < s.iters:  # a Ctrl-C asked for a stop: save this position, then stop (resumable)
-                interrupt.check(lambda it=it: loop.save(job.index, it + 1, opt), f"{job.name}, iteration {it + 1}/{s.iters}")
+        with checkpointed_blocks(job.module, job.whole_model and recompute):
+            bar = tqdm(range(job.start_iter, s.iters), desc=f"distill {job.name}", disable=not loop.session.progress,
+                       leave=False, initial=job.start_iter, total=s.iters)
+            for it in bar:
+                idx = sample_rows(loop.generator, n, s.batch_size, job.row_ts, split)
+                for g, lr in zip(opt.param_groups, base_lrs):
+                    g["lr"] = lr * _lr_factor(s, it)
+                total, parts = _loss(loop, job, idx, it, split, mode)
+                opt.zero_grad(set_to_none=True)
+                loop.split.backward(total, params)
+                if s.grad_clip is not None:
+                    gn = sharding.full_tensor(torch.nn.utils.clip_grad_norm_(params, s.grad_clip))
+                    if not torch.isfinite(gn):
+                        raise DistillDivergedError(
+                            f"distillation diverged in {job.name} at iteration {it + 1} of {s.iters}: the gradient "
+                            f"is {float(gn)}. Lower the learning rate (lr={s.lr:g}; try lr={s.lr / 10:g}); {job.name} "
+                            "was restored to its state before this training")
+                opt.step()
+                post_step(groups)
+                result.curves.setdefault("total", []).append(float(total.detach()))
+                for k, v in parts.items():
+                    result.curves.setdefault(k, []).append(float(v.detach()))
+                if s.checkpoint_every and (it + 1) % s.checkpoint_every == 0 and it + 1 < s.iters:
+                    loop.save(job.index, it + 1, opt, job)
+                if loop.on_step is not None:
+                    loop.on_step(job.name, it + 1, float(total.detach()))
+                if it + 1 < s.iters:  # a Ctrl-C asked for a stop: save this position, then stop (resumable)
+                    stop_point(lambda it=it: loop.save(job.index, it + 1, opt, job),
+                               f"{job.name}, iteration {it + 1}/{s.iters}")
     except DistillDivergedError:
         with torch.no_grad():
             for p, v in zip(params, snapshot):
@@ -329,7 +393,7 @@ def _loss(loop: LoopState, job: UnitJob, idx: torch.Tensor, it: int, split: bool
           mode: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss of one step and its parts (reconstruction first); NaN/inf raises DistillDivergedError."""
     s = loop.settings
-    pred = run_unit(job.module, job.batch, idx, job.row_ts, split)
+    pred = loop.split.gather(run_unit(job.module, job.batch, loop.split.rows(idx), job.row_ts, split), idx)
     tgt = job.target[idx].to(pred.device)
     w = None if job.weights is None else job.weights[idx].to(pred.device)
     ctx = TermContext(pred, tgt, job.name, it, job.row_ts[idx], w, loop.grid, mode, loop.generator)
@@ -350,4 +414,37 @@ def _loss(loop: LoopState, job: UnitJob, idx: torch.Tensor, it: int, split: bool
     return total, parts
 
 
-__all__ = ["DistillResult", "LoopState", "TokenWeightFn", "UnitJob", "UnitResult", "run_distillation", "train_unit"]
+def stop_point(save: Callable[[], None], where: str) -> None:
+    """`interrupt.check` that all ranks pass alike: a stop asked for on any rank stops every rank here."""
+    if distributed.active() and distributed.any_rank(interrupt.stop_requested()):
+        interrupt.request_stop()
+    interrupt.check(save, where)
+
+
+def trainable_names(unit: nn.Module, s: DistillSettings) -> set[str]:
+    """Names (inside `unit`) of the parameters `s.train` trains; creates them first where they are created on
+    demand (learnable weight scales), so a copy of `unit` made afterwards holds them."""
+    ids = {id(p) for g in param_groups(unit, s) for p in g["params"]}
+    return {name for name, p in unit.named_parameters() if id(p) in ids}
+
+
+def no_weight_cache(unit: nn.Module) -> nn.Module:
+    """`unit` (a sharded copy) without quantized-weight caches: they are keyed on parameter storage, which FSDP2
+    swaps between its shards and the gathered values, so the copy recomputes fq(W) at every call."""
+    for m in unit.modules():
+        if isinstance(m, QuantLinear):
+            m.cache_weight, m._weight_cache = False, None
+    return unit
+
+
+@contextmanager
+def _on_device(module: nn.Module, device: torch.device, home: torch.device) -> Iterator[nn.Module]:
+    """Within the block `module` is on `device`, afterwards back on `home`."""
+    try:
+        yield module.to(device)
+    finally:
+        module.to(home)
+
+
+__all__ = ["DistillResult", "LoopState", "TokenWeightFn", "UnitJob", "UnitResult", "no_weight_cache",
+           "run_distillation", "stop_point", "train_unit", "trainable_names"]
