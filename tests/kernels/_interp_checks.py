@@ -34,6 +34,7 @@ sys.path.insert(0, HERE)
 import torch  # noqa: E402
 
 import _tolerances as TOL  # noqa: E402
+from _producers import kernel_and_reference  # noqa: E402
 from workbench.kernels import reference as R  # noqa: E402
 
 CHECKS: Dict[str, Callable[[], Tuple[float, float]]] = {}
@@ -291,23 +292,11 @@ def _quant_check(name: str, fp8: bool) -> Tuple[float, float]:
     * the scales within 1e-6 relative (absmax / 127 or / 448 in IEEE division on both sides).
     The plain row quantizer does the reference's exact operations, so its codes must match bit for bit.
     """
-    from workbench.kernels import act_quant as Q
     g = _g(5)
     x = torch.randn(2, 11, 200, generator=g).bfloat16() * 3 + 1
     w, b = torch.randn(200, generator=g), torch.randn(200, generator=g)
     ms, msh = torch.randn(2, 200, generator=g) * 0.3, torch.randn(2, 200, generator=g)
-    if name == "rows":
-        q, s = Q.quantize_rows(x, fp8=fp8)
-        qr, sr = (R.quantize_per_token_fp8 if fp8 else R.quantize_per_token_int8)(x)
-    elif name == "layernorm":
-        q, s = Q.layernorm_quant(x, w, b, 1e-5, ms, msh, fp8=fp8)
-        qr, sr = R.layernorm_quant_ref(x, w, b, 1e-5, ms, msh, fp8=fp8)
-    elif name == "rmsnorm":
-        q, s = Q.rmsnorm_quant(x, w, 1e-6, fp8=fp8)
-        qr, sr = R.rmsnorm_quant_ref(x, w, 1e-6, fp8=fp8)
-    else:
-        q, s = Q.gelu_quant(x, fp8=fp8)
-        qr, sr = R.gelu_quant_ref(x, fp8=fp8)
+    q, s, qr, sr = kernel_and_reference(name, x, w, b, ms, msh, fp8)
     assert q.dtype == qr.dtype and q.shape == qr.shape and s.shape == sr.shape
     if name == "rows":
         exact = torch.equal(q.view(torch.int8), qr.view(torch.int8)) and torch.equal(s, sr)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import _tolerances as TOL
+from _producers import kernel_and_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -94,25 +95,12 @@ def test_activation_quantizers(producer, fp8):
     fp32 value within a few ulps of a rounding midpoint: ~2^-13 of int8 steps; floor / truncation would flip
     about half), scales within 1e-6 (IEEE division on both sides)."""
     _need("fp8" if fp8 else "int8")
-    from workbench.kernels import act_quant as Q
-    from workbench.kernels import reference as R
     nb, m, k = ROWS
     x = _inputs(nb * m, k, 16, seed=1)[0].reshape(nb, m, k)
     g = torch.Generator(device=DEV).manual_seed(2)
     w, b = torch.randn(k, device=DEV, generator=g), torch.randn(k, device=DEV, generator=g)
     ms, msh = torch.randn(nb, k, device=DEV, generator=g) * 0.3, torch.randn(nb, k, device=DEV, generator=g)
-    if producer == "rows":
-        q, s = Q.quantize_rows(x, fp8=fp8)
-        qr, sr = (R.quantize_per_token_fp8 if fp8 else R.quantize_per_token_int8)(x)
-    elif producer == "layernorm":
-        q, s = Q.layernorm_quant(x, w, b, 1e-5, ms, msh, fp8=fp8)
-        qr, sr = R.layernorm_quant_ref(x, w, b, 1e-5, ms, msh, fp8=fp8)
-    elif producer == "rmsnorm":
-        q, s = Q.rmsnorm_quant(x, w, 1e-6, fp8=fp8)
-        qr, sr = R.rmsnorm_quant_ref(x, w, 1e-6, fp8=fp8)
-    else:
-        q, s = Q.gelu_quant(x, fp8=fp8)
-        qr, sr = R.gelu_quant_ref(x, fp8=fp8)
+    q, s, qr, sr = kernel_and_reference(producer, x, w, b, ms, msh, fp8)
     assert q.dtype == qr.dtype and q.shape == qr.shape and s.shape == sr.shape
     qf, qrf = q.double(), qr.double()
     step = 2.0 ** (torch.floor(torch.log2(qrf.abs().clamp_min(2 ** -6))) - 3) if fp8 else torch.ones_like(qrf)

@@ -30,7 +30,6 @@ from the allow-list of `workbench.quant.compensation`: nothing named in the mani
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

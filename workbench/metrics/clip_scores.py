@@ -18,9 +18,7 @@ transformers is imported on the first load_clip call, so ``import workbench.metr
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,25 +190,6 @@ class LoadedClip:
         return torch.cat(chunks).reshape(B, F, -1)
 
 
-@contextmanager
-def _offline() -> Iterator[None]:
-    """Hub offline mode while loading, restored afterwards: HF_HUB_OFFLINE=1 in the environment and in
-    huggingface_hub's constant (read once at its import, so setting the variable alone may be too late)."""
-    import huggingface_hub.constants as hub
-
-    previous_env, previous_flag = os.environ.get("HF_HUB_OFFLINE"), hub.HF_HUB_OFFLINE
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    hub.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        hub.HF_HUB_OFFLINE = previous_flag
-        if previous_env is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = previous_env
-
-
 def _read_json(file: Path) -> dict:
     """A JSON object from `file`; ValueError naming the file when it is not one."""
     try:
@@ -257,7 +236,9 @@ def load_clip(path: str | Path, device: str | torch.device = "cpu", batch_frames
         raise ValueError(f"batch_frames must be a positive int (frames per CLIP forward), got {batch_frames!r}")
     _check_clip_dir(path)
     device = torch.device(device)
-    with _offline():
+    from workbench.models.loading import hub_offline
+
+    with hub_offline():
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
         try:

@@ -97,17 +97,23 @@ _DIR_HINT = (
 
 
 @contextmanager
-def _offline() -> Iterator[None]:
-    """Set ``HF_HUB_OFFLINE=1`` for the duration of a load, then restore the previous value."""
-    previous = os.environ.get("HF_HUB_OFFLINE")
+def hub_offline() -> Iterator[None]:
+    """Hub offline mode while loading, restored afterwards: HF_HUB_OFFLINE=1 in the environment and in
+    huggingface_hub's constant (read once at its import, so setting the variable alone may be too late).
+    Every loader also passes ``local_files_only=True``: the workbench never reaches a model hub."""
+    import huggingface_hub.constants as hub
+
+    previous_env, previous_flag = os.environ.get("HF_HUB_OFFLINE"), hub.HF_HUB_OFFLINE
     os.environ["HF_HUB_OFFLINE"] = "1"
+    hub.HF_HUB_OFFLINE = True
     try:
         yield
     finally:
-        if previous is None:
+        hub.HF_HUB_OFFLINE = previous_flag
+        if previous_env is None:
             os.environ.pop("HF_HUB_OFFLINE", None)
         else:
-            os.environ["HF_HUB_OFFLINE"] = previous
+            os.environ["HF_HUB_OFFLINE"] = previous_env
 
 
 def _supported() -> str:
@@ -250,7 +256,7 @@ def _load_transformer_dir(directory: Path, dtype: torch.dtype, expected_class: s
     import diffusers
 
     cls = getattr(diffusers, class_name)
-    with _offline():
+    with hub_offline():
         try:
             # disable_mmap: read the weights into ordinary (aligned) memory instead of leaving every
             # parameter backed by a memory map of the file; mmap-backed parameters sit at unaligned
@@ -457,7 +463,7 @@ def load_pipeline(
 
     from diffusers import DiffusionPipeline
 
-    with _offline():
+    with hub_offline():
         try:
             pipe = DiffusionPipeline.from_pretrained(str(directory.resolve()), local_files_only=True, **kwargs)
         except Exception as exc:

@@ -141,20 +141,6 @@ _ROLES = {
 }
 
 
-@contextmanager
-def _offline() -> Iterator[None]:
-    """``HF_HUB_OFFLINE=1`` while loading (``local_files_only=True`` is passed as well)."""
-    previous = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = previous
-
-
 def parse_device(device: str | torch.device) -> torch.device:
     """``torch.device(device)``, refusing CUDA where there is none (with the fix)."""
     try:
@@ -292,7 +278,9 @@ class PipelineGenerator(Generator):
 
         from diffusers import DiffusionPipeline
 
-        with _offline():
+        from workbench.models.loading import hub_offline
+
+        with hub_offline():
             try:
                 # diffusers 0.42 deprecates torch_dtype= in favour of dtype=
                 pipe = DiffusionPipeline.from_pretrained(str(directory.resolve()), local_files_only=True, dtype=dtype)

@@ -25,7 +25,7 @@ error naming it, and every bit-width must be in 2..8.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 

@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from workbench.quant import QuantConfig, quantizers
+from workbench.quant import quantizers
 
 GROUPINGS = ("block", "role", "layer", "block_all")
 

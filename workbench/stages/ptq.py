@@ -12,7 +12,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from workbench.quant import (QuantConfig, QuantLinear, calibrate_model, quant_modules, quantize_model,

@@ -33,10 +33,9 @@ estimate folded into the weights afterwards (`rank`), so the result is plain W4A
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
