@@ -76,14 +76,13 @@ def test_cached_rows_are_reused_and_cached_only_skips(abl, tmp_path):
 
 
 def test_section_lists_blocks_and_verdicts(abl):
-    from workbench.eval.prompt_set import EvalSettings
-
+    settings = abl.bench_quality.eval_settings(0, 16)  # the page's evaluation: the 16 held-out prompts
     full = abl.mean_row([row(0.9, 20.0), row(1.0, 21.0)])
     worse = abl.mean_row([row(0.8, 19.0), row(1.0, 20.0)])
     results = {"Q-VDiT": [("full", "-", full), ("no TMD", "TMD", worse), ("no TQE", "TQE", None)]}
-    text = "\n".join(abl.section(results, EvalSettings(steps=16), [], seeds=[0, 16]))
+    text = "\n".join(abl.section(results, settings, [], seeds=[0, 16]))
     assert "seed blocks 0, 16" in text and "32 videos per row" in text and "1/128" in text
     assert "| no TMD | TMD | 0.900 | 19.500 |" in text and "0.800 / 1.000 | -0.050 | -1.00 | worse |" in text
     assert "| no TQE | TQE | not run" in text
-    one = "\n".join(abl.section(results, EvalSettings(steps=16), [], seeds=[0]))
+    one = "\n".join(abl.section(results, settings, [], seeds=[0]))
     assert "oracle per seed block" not in one and "16 videos per row" in one

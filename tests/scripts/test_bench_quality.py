@@ -65,13 +65,11 @@ def test_cache_key_covers_recipe_settings_seed_and_weights(bench):
 
 
 def test_section_keeps_text_outside_the_markers(bench, tmp_path):
-    from workbench.eval.prompt_set import EvalSettings
-
     out = tmp_path / "results.md"
     out.write_text("# Notes kept above\n")
     fp = {"oracle_accuracy": 0.9, "eval_s": 1.0}
     row = {"oracle_accuracy": 0.85, "psnr_vs_fp": 30.0, "avg_weight_bits": 8.0}
-    args = (EvalSettings(steps=2), "today", 60.0, "a model", "abc")
+    args = (bench.eval_settings(0, 2), "today", 60.0, "a model", "abc")
     bench.write_markdown(out, fp, {"naive-w8a8": row}, *args)
     out.write_text(out.read_text() + "\n## Ablations (appended by another script)\n| a | b |\n")
     bench.write_markdown(out, fp, {"naive-w8a8": row, "vidit-q-w8a8": row}, *args)
