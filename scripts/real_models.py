@@ -99,8 +99,9 @@ def compiled(transformer: torch.nn.Module) -> torch.nn.Module:
     return transformer
 
 
-def scaled(name: str, prompts: int, family: str) -> Any:
-    """The recipe with its calibration prompt sets scaled to `prompts` (one prompt a call, bf16 on the GPU)."""
+def scaled(name: str, prompts: int, family: str, distill_iters: int | None = None) -> Any:
+    """The recipe with its calibration prompt sets scaled to `prompts` (one prompt a call, bf16 on the GPU) and,
+    when `distill_iters` is given, each distillation unit's iterations capped at it."""
     from workbench.recipes import Recipe, load_recipe
 
     r = load_recipe(name)
@@ -111,13 +112,16 @@ def scaled(name: str, prompts: int, family: str) -> Any:
             s.update(prompts=min(int(s.get("prompts", prompts)), prompts), batch_size=1)
         if stage == "select_salient_calibration":
             s["budget"] = min(int(s.get("budget", 32)), prompts * 4)
+        if distill_iters is not None and "iters" in s:
+            s["iters"] = min(int(s["iters"]), distill_iters)
         stages.append((stage, s))
-    return Recipe(r.name, r.quant, stages, r.method, f"{r.description} [real-models: {prompts} calibration prompts]",
+    cap = "" if distill_iters is None else f", distillation capped at {distill_iters} iterations a unit"
+    return Recipe(r.name, r.quant, stages, r.method, f"{r.description} [real-models: {prompts} calibration prompts{cap}]",
                   r.source)
 
 
 def run_pipeline(family: str, recipes: list[str], rows: Rows, work: Path, calibration_prompts: int,
-                 size: str = "full", steps: int = 50) -> None:
+                 size: str = "full", steps: int = 50, distill_iters: int | None = None) -> None:
     from workbench.bench.e2e import quantized_attention
     from workbench.io.export import export_model
     from workbench.io.packed import load_packed
@@ -153,7 +157,7 @@ def run_pipeline(family: str, recipes: list[str], rows: Rows, work: Path, calibr
     del fp_c
 
     for name in recipes:
-        recipe = scaled(name, calibration_prompts, family)
+        recipe = scaled(name, calibration_prompts, family, distill_iters)
         session = Session.start(gen, seed=0, progress=True)
         session.recipe = {"name": recipe.name, "recipe": recipe.to_dict()}
         total = 0.0
@@ -162,7 +166,8 @@ def run_pipeline(family: str, recipes: list[str], rows: Rows, work: Path, calibr
             _, sec, peak = timed(dev, lambda: info.fn(session, info.settings(**settings)))
             total += sec
             rows.add(model=model, recipe=name, part="stage", stage=stage, seconds=sec, peak_gib=peak,
-                     peak_vs_fp_generate=peak / fp_peak if fp_peak else None)
+                     peak_vs_fp_generate=peak / fp_peak if fp_peak else None,
+                     **{k: settings[k] for k in ("prompts", "steps", "iters", "budget") if k in settings})
         out = work / f"{family}-{name}"
         _, save_sec, _ = timed(dev, lambda: save_quantized(session, out))
         packed = work / f"{family}-{name}-packed"
@@ -287,8 +292,9 @@ def render(paths: list[Path], out: Path, notes: list[str] | None = None) -> None
              f"transformers {env['transformers']}; runs {', '.join(sorted({d['env']['date'] for d in data}))} (UTC)",
              "- weights: random, from the published configs (no checkpoint can be downloaded here): times and "
              "memory are those of the real models; PSNR measures how far quantization moves a random model's video.",
-             "- calibration: 2 prompts of 8 sampling steps each (the recipes ask for 8 or 16 prompts), to fit a "
-             "session's 30 minutes of GPU time; the stages and formats are the recipe's.",
+             "- scaled down to fit a session's 30 minutes of GPU time: calibration prompts (the recipes ask for 8 or "
+             "16) and, where the settings column says so, distillation iterations; the stages and formats are the "
+             "recipe's.",
              ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         mr = [r for r in rows if r["model"] == model]
@@ -313,10 +319,12 @@ def render(paths: list[Path], out: Path, notes: list[str] | None = None) -> None
             lines.append("")
         stages = [r for r in mr if r["part"] in ("stage", "calibration")]
         if stages:
-            lines += ["| recipe | stage | seconds | peak GiB | peak vs FP generation |", "|---|---|---:|---:|---:|"]
+            lines += ["| recipe | stage | settings | seconds | peak GiB | peak vs FP generation |",
+                      "|---|---|---|---:|---:|---:|"]
             for r in stages:
                 ratio = r.get("peak_vs_fp_generate")
-                lines.append(f"| {r.get('recipe', '-')} | {r.get('stage', r['part'])} | {r['seconds']:.1f} | "
+                shown = ", ".join(f"{k} {r[k]}" for k in ("prompts", "steps", "budget", "iters", "calls") if k in r)
+                lines.append(f"| {r.get('recipe', '-')} | {r.get('stage', r['part'])} | {shown or '-'} | {r['seconds']:.1f} | "
                              f"{r['peak_gib']:.1f} | {'-' if ratio is None else f'{ratio:.2f}x'} |")
             lines.append("")
         for r in mr:
@@ -346,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--models", default="cogvideox,wan", help="cogvideox, wan (comma-separated) or none")
     r.add_argument("--recipes", default="vidit-q-w8a8,s2q-vdit-w4a6")
     r.add_argument("--calibration-prompts", type=int, default=4)
+    r.add_argument("--distill-iters", type=int, default=None,
+                   help="cap each distillation unit's iterations (default: the recipe's)")
     r.add_argument("--wan14b", action="store_true", help="also the Wan2.1-14B transformer's distillation")
     r.add_argument("--wan14b-iters", type=int, default=50)
     r.add_argument("--wan14b-batch", type=int, default=2, help="global batch (rows) of a distillation step")
@@ -371,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = Rows(Path(a.out), environment())
     work = Path(a.work or tempfile.mkdtemp(prefix="real-models-"))
     for family in [m for m in a.models.split(",") if m and m != "none"]:
-        run_pipeline(family, [x for x in a.recipes.split(",") if x], rows, work, a.calibration_prompts, size, steps)
+        run_pipeline(family, [x for x in a.recipes.split(",") if x], rows, work, a.calibration_prompts, size, steps,
+                     a.distill_iters)
     if a.wan14b:
         run_wan14b(rows, a.wan14b_iters, tokens_frames=2, height=30, width=52, size=size, batch=a.wan14b_batch,
                    probe_out=Path(a.probe_out) if a.probe_out else None)
