@@ -98,9 +98,6 @@ def saliences(session: Session, cands: list[Candidate], cache: CalibrationCache)
     """(diffusion salience D, Hessian-aware quantization salience Q) per candidate (module docstring)."""
     fp, q = session.fp_transformer, session.qtransformer
     layers = block_linears(q)
-    # dW in each layer's input basis (the quantized weight of the session's model)
-    dws = {n: (ql.effective_weight().detach().float(), (ql.effective_weight() - ql.quantized_weight()).detach().float())
-           for n, ql in layers.items()}
     device = next(fp.parameters()).device
     guided = cache.guidance != 1.0
     q_num = torch.zeros(len(cands))
@@ -113,9 +110,13 @@ def saliences(session: Session, cands: list[Candidate], cache: CalibrationCache)
     def fn(name: str, x: torch.Tensor, out: torch.Tensor) -> None:
         ql = layers[name]
         xt = ql.transform_input(x.detach().float())
-        w, dw = dws[name]
-        num = (xt @ dw.T.to(xt.device)).pow(2).reshape(xt.shape[0], -1).sum(1)
-        den = (xt @ w.T.to(xt.device)).pow(2).reshape(xt.shape[0], -1).sum(1).clamp(min=1e-12)
+        # W and dW in the layer's input basis, made per call: fp32 copies of every layer held at once would add
+        # twice the transformer's size to the peak (12 GiB on Wan2.1-1.3B)
+        with torch.no_grad():
+            w = ql.effective_weight().float().to(xt.device)
+            dw = w - ql.quantized_weight().float().to(xt.device)
+        num = (xt @ dw.T).pow(2).reshape(xt.shape[0], -1).sum(1)
+        den = (xt @ w.T).pow(2).reshape(xt.shape[0], -1).sum(1).clamp(min=1e-12)
         per_row[name] = (num / den).cpu()
 
     with capturing_inputs(fp, list(layers), fn):
