@@ -6,6 +6,7 @@ FP videos. Then the Wan2.1-14B transformer: calibration plus Q-VDiT distillation
     python scripts/real_models.py run --models cogvideox --recipes vidit-q-w8a8 --out rows.json
     python scripts/real_models.py run --models none --wan14b --out rows.json      # the 14B distillation only
     python scripts/real_models.py render docs/real-models/*.json --notes docs/real-models/notes.txt   # the page
+    python scripts/real_models.py probe-diff docs/real-models/probes/wan2.1-14b-1rank.json probe_2rank.json
 
 Per pipeline (CogVideoX-2B: 49 frames 480x720; Wan2.1-1.3B: 81 frames 480x832; 50 steps with guidance):
 1. build it on the GPU in bf16 from the published configs (`workbench.models.random_pipelines`) and save it,
@@ -279,6 +280,19 @@ def run_wan14b(rows: Rows, iters: int, tokens_frames: int, height: int, width: i
         distributed.shutdown()
 
 
+def probe_diff(a: Path, b: Path) -> dict[str, Any]:
+    """How far two probe outputs (`run --probe-out`, e.g. 1 rank vs 2 ranks) are apart: max |a - b|, the relative
+    L2 distance of the saved values and of the whole output's norm."""
+    pa, pb = json.loads(a.read_text()), json.loads(b.read_text())
+    va, vb = torch.tensor(pa["values"], dtype=torch.float64), torch.tensor(pb["values"], dtype=torch.float64)
+    if va.shape != vb.shape:
+        raise ValueError(f"{a} holds {va.numel()} values and {b} {vb.numel()}: probes of different runs' shapes "
+                         "cannot be compared (make both with the same --wan14b settings)")
+    return {"ranks": [pa["ranks"], pb["ranks"]], "max_abs": float((va - vb).abs().max()),
+            "rel_l2": float((va - vb).norm() / va.norm().clamp(min=1e-30)),
+            "norm_rel": abs(pa["norm"] - pb["norm"]) / max(abs(pa["norm"]), 1e-30)}
+
+
 def render(paths: list[Path], out: Path, notes: list[str] | None = None) -> None:
     """docs/real-models.md from the JSON rows of one or more runs (and `notes`: what a run did not finish)."""
     data = [json.loads(p.read_text()) for p in paths]
@@ -369,7 +383,13 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("json", nargs="+")
     w.add_argument("--out", default=str(ROOT / "docs" / "real-models.md"))
     w.add_argument("--notes", default=None, help="text file, one note a line: what the runs did not finish")
+    d = sub.add_parser("probe-diff", help="compare two --probe-out files (e.g. 1 rank vs 2 ranks)")
+    d.add_argument("a")
+    d.add_argument("b")
     a = ap.parse_args(argv)
+    if a.cmd == "probe-diff":
+        print(json.dumps(probe_diff(Path(a.a), Path(a.b))))
+        return 0
     if a.cmd == "render":
         notes = [n.strip() for n in Path(a.notes).read_text().splitlines() if n.strip()] if a.notes else []
         render([Path(p) for p in a.json], Path(a.out), notes)
