@@ -110,8 +110,8 @@ def saliences(session: Session, cands: list[Candidate], cache: CalibrationCache)
     def fn(name: str, x: torch.Tensor, out: torch.Tensor) -> None:
         ql = layers[name]
         xt = ql.transform_input(x.detach().float())
-        # W and dW in the layer's input basis, made per call: fp32 copies of every layer held at once would add
-        # twice the transformer's size to the peak (12 GiB on Wan2.1-1.3B)
+        # W and dW in the layer's input basis, made per call: fp32 W and dW of every layer held at once (8 bytes a
+        # weight) raised the peak by 12 GiB on Wan2.1-1.3B
         with torch.no_grad():
             w = ql.effective_weight().float().to(xt.device)
             dw = w - ql.quantized_weight().float().to(xt.device)
