@@ -180,3 +180,21 @@ def test_losses():
     s = torch.randn(3, 4, 4)
     assert float(relation_kl(s, s)) == pytest.approx(0.0, abs=1e-6)
     assert float(relation_kl(s + torch.randn_like(s), s)) > 0
+
+
+def test_a_unit_made_worse_is_warned_and_noted():
+    """Training that raises a unit's error on its evaluation rows (here: a far too high learning rate) says so,
+    as a warning while it runs and as a report note naming the unit and both errors; normal training does not."""
+    from workbench.stages.distill import result_notes
+
+    s = fresh()
+    with pytest.warns(RuntimeWarning, match="made transformer worse"):
+        res = run_distillation(s, DistillSettings(mode="e2e", iters=4, lr=0.3, scale_lr=0.3, train=["scales"],
+                                                  eval_rows=4))
+    (unit,) = res.units
+    assert unit.err_after > unit.err_before
+    (note,) = result_notes(res)
+    assert note.startswith("transformer: error on the evaluation rows rose from") and "learning rate" in note
+    good = run_distillation(fresh(), DistillSettings(mode="e2e", iters=4, lr=1e-3, scale_lr=1e-3, train=["scales"],
+                                                     eval_rows=4))
+    assert good.units[0].err_after < good.units[0].err_before and result_notes(good) == []

@@ -48,6 +48,7 @@ from workbench.stages.distill import (
     TermContext,
     curves_of,
     distill_summary,
+    result_notes,
     run_distillation,
     unit_rows,
 )
@@ -341,7 +342,7 @@ def mpq_distill(session: Session, settings: MPQSettings | None = None) -> StageR
         summary=summary,
         tables={"blocks": unit_rows(result), "weights": rows},
         arrays={"curves": curves_of(result), "queue_sizes": {str(k): v for k, v in term.sizes().items()}},
-        notes=[f"resumed from {result.resumed_from}"] if result.resumed_from else [],
+        notes=result_notes(result),
         seconds=time.perf_counter() - t0,
     )
     return session.add(report)

@@ -56,6 +56,7 @@ from workbench.stages.distill import (
     distill_summary,
     frame_similarity,
     relation_kl,
+    result_notes,
     run_distillation,
     unit_rows,
 )
@@ -230,14 +231,12 @@ def qvdit_distill(session: Session, settings: QVDiTSettings | None = None) -> St
     if s.tqe:
         attach_tqe(session, s, layers)
     terms = [Term("tmd", s.tmd_weight, TemporalRelationLoss(s.tmd_tau))] if s.tmd and s.tmd_weight > 0 else []
-    notes = []
     if s.tmd and session_grid(session) is None and s.mode == "block":
         raise ValueError("TMD needs the video token grid (frames x height x width) of the model; it is unknown "
                          "for this architecture: set tmd=false or use mode='e2e'")
     extra = {k: v for k, v in asdict(s).items() if k not in asdict(s.distill_settings())}
     result = run_distillation(session, s.distill_settings(), name="qvdit_distill", terms=terms, fingerprint_extra=extra)
-    if result.resumed_from:
-        notes.append(f"resumed from {result.resumed_from}")
+    notes = result_notes(result)
     rows, scales = tqe_rows(session.qtransformer, list(layers)) if s.tqe else ([], {})
     baked = bake_weight_deltas(session.qtransformer)
     after_sim = output_frame_similarity(session, session.qtransformer, s.similarity_rows)

@@ -43,7 +43,14 @@ from torch import nn
 from workbench.session import Session
 from workbench.quant.compensation import LowRankWeightDelta, add_weight_delta, bake_weight_deltas
 from workbench.stages.calibration import CalibrationCache, CalibrationEntry, capturing_inputs, to_device
-from workbench.stages.distill import DistillSettings, curves_of, distill_summary, run_distillation, unit_rows
+from workbench.stages.distill import (
+    DistillSettings,
+    curves_of,
+    distill_summary,
+    result_notes,
+    run_distillation,
+    unit_rows,
+)
 from workbench.stages.qvdit import ensure_quantized, block_linears, session_grid
 from workbench.stages.registry import stage
 from workbench.stages.report import StageReport
@@ -425,7 +432,7 @@ def sparse_token_distill(session: Session, settings: SparseTokenSettings | None 
         summary=summary,
         tables={"blocks": unit_rows(result), "token_weights": stats},
         arrays={"curves": curves_of(result), "token_maps": maps, "grid": list(grid) if grid else None},
-        notes=[f"resumed from {result.resumed_from}"] if result.resumed_from else [],
+        notes=result_notes(result),
         seconds=time.perf_counter() - t0,
     )
     return session.add(report)

@@ -11,11 +11,11 @@ from workbench.io.checkpoint import CheckpointError
 from workbench.stages.distill.loop import DistillResult, UnitResult, run_distillation
 from workbench.stages.distill.losses import Term, TermContext, frame_similarity, relation_kl, weighted_rel_mse
 from workbench.stages.distill.settings import DistillDivergedError, DistillSettings
-from workbench.stages.distill.stage import curves_of, distill, distill_summary, unit_rows
+from workbench.stages.distill.stage import curves_of, distill, distill_summary, result_notes, unit_rows
 from workbench.stages.distill.trainable import make_scales_learnable, param_groups
 
 __all__ = [
     "CheckpointError", "DistillDivergedError", "DistillResult", "DistillSettings", "Term", "TermContext",
     "UnitResult", "curves_of", "distill", "distill_summary", "frame_similarity", "make_scales_learnable",
-    "param_groups", "relation_kl", "run_distillation", "unit_rows", "weighted_rel_mse",
+    "param_groups", "relation_kl", "result_notes", "run_distillation", "unit_rows", "weighted_rel_mse",
 ]

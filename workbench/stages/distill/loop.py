@@ -36,6 +36,7 @@ from __future__ import annotations
 import gc
 import math
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -386,6 +387,10 @@ def train_unit(loop: LoopState, job: UnitJob) -> None:
             p.grad = None
     if loop.eval_idx is not None:
         result.err_after = unit_error(job.module, job.batch, job.target, loop.eval_idx, job.row_ts, split)
+        if result.err_before is not None and result.err_after > result.err_before:
+            warnings.warn(f"distillation made {job.name} worse: its error on the evaluation rows rose from "
+                          f"{result.err_before:.4g} to {result.err_after:.4g}; lower the learning rate (lr={s.lr:g})",
+                          RuntimeWarning, stacklevel=2)
     result.seconds += time.perf_counter() - t0
 
 

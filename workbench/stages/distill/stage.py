@@ -54,13 +54,25 @@ def distill_summary(result: DistillResult) -> dict[str, float]:
     }
 
 
+def result_notes(result: DistillResult) -> list[str]:
+    """Report notes every distillation stage gives: where it resumed from, and each trained unit whose error on
+    its evaluation rows ended higher than it started (training made it worse: the learning rate is the first
+    suspect)."""
+    notes = [f"resumed from {result.resumed_from}"] if result.resumed_from else []
+    for r in result.units:
+        if r.trained and r.err_before is not None and r.err_after is not None and r.err_after > r.err_before:
+            notes.append(f"{r.unit}: error on the evaluation rows rose from {r.err_before:.4g} to {r.err_after:.4g} "
+                         "during training; lower the learning rate (lr, scale_lr) or check the calibration rows")
+    return notes
+
+
 @stage(DistillSettings, figures=distill_figures)
 def distill(session: Session, settings: DistillSettings | None = None) -> StageReport:
     """Block-wise (or end-to-end) reconstruction of the quantized transformer's trainable parts."""
     s = settings or DistillSettings()
     t0 = time.perf_counter()
     result = run_distillation(session, s, name="distill")
-    notes = [f"resumed from {result.resumed_from}"] if result.resumed_from else []
+    notes = result_notes(result)
     report = StageReport(
         name="distill", settings=asdict(s), summary=distill_summary(result),
         tables={"blocks": unit_rows(result)}, arrays={"curves": curves_of(result)}, notes=notes,
@@ -69,4 +81,4 @@ def distill(session: Session, settings: DistillSettings | None = None) -> StageR
     return session.add(report)
 
 
-__all__ = ["curves_of", "distill", "distill_summary", "unit_rows"]
+__all__ = ["curves_of", "distill", "distill_summary", "result_notes", "unit_rows"]
