@@ -115,3 +115,19 @@ def test_tmd_cannot_see_a_reversed_direction_but_sees_speed():
     clip = sims("a red circle moving right slow")
     assert relation_kl(sims("a red circle moving right slow", flip=True), clip) < 1e-5
     assert relation_kl(sims("a red circle moving right fast"), clip) > 1e-2
+
+
+def test_block_recomputation_trains_the_estimators_alike():
+    """Q-VDiT end to end with every block recomputed in backward (grad_checkpoint, the GPU default) trains the
+    TQE branches and scales to the same values as keeping the activations."""
+    from distill_helpers import state_of
+
+    states = []
+    for recompute in (False, True):
+        s = fresh()
+        qvdit_distill(s, QVDiTSettings(mode="e2e", iters=3, batch_size=4, eval_rows=0, grad_checkpoint=recompute,
+                                       tqe_rank=4, tqe_out_rank=2))
+        states.append(state_of(s.qtransformer))
+    assert states[0].keys() == states[1].keys() and any("tqe" in k.lower() for k in states[0])
+    for k in states[0]:
+        torch.testing.assert_close(states[1][k], states[0][k], rtol=1e-5, atol=1e-7)
