@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from workbench.world.grammar import PromptError
@@ -172,48 +173,26 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def nproc_arg(text: str) -> int:
-    """argparse type of --nproc: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--nproc must be an integer >= 1, got {text[:40]!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--nproc must be an integer >= 1, got {value}")
-    return value
+def int_arg(subject: str, rule: str, low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in low..high (high None: no upper bound); a bad value is refused with
+    "<subject> <rule>, got <value>"."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{subject} {rule}, got {text[:40]!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{subject} {rule}, got {value}")
+        return value
+
+    return parse
 
 
-def seed_arg(text: str) -> int:
-    """argparse type of seeds: an integer >= 0 (the app refuses negative seeds too)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seed must be an integer >= 0, got {text[:40]!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"seed must be an integer >= 0, got {value}")
-    return value
-
-
-def steps_arg(text: str) -> int:
-    """argparse type of sampling steps: an integer in 1..1000."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"steps must be an integer in 1..1000, got {text[:40]!r}") from None
-    if not 1 <= value <= 1000:
-        raise argparse.ArgumentTypeError(f"steps must be an integer in 1..1000, got {value}")
-    return value
-
-
-def size_arg(text: str) -> int:
-    """argparse type of frames / height / width: a positive integer (the model checks what it can make)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text[:40]!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+nproc_arg = int_arg("--nproc must be", "an integer >= 1", 1)
+seed_arg = int_arg("seed must be", "an integer >= 0", 0)  # the app refuses negative seeds too
+steps_arg = int_arg("steps must be", "an integer in 1..1000", 1, 1000)
+size_arg = int_arg("expected", "a positive integer", 1)  # frames / height / width: the model checks what it can make
 
 
 def _add_model(p: argparse.ArgumentParser, default: str | None = "tiny-world", what: str = "") -> None:
