@@ -353,12 +353,12 @@ for _impl in ("ptr", "tma"):
     for _d in (64, 128):
         def _mkap(impl=_impl, d=_d):
             def fn():
-                bn = 128 if d <= 64 else 64   # attention.default_block_n: the production key block
-                return _attn_check(impl, "fp8", d, "bnhd", torch.bfloat16, block_m=128, block_n=bn,
+                bm, bn = R.default_blocks(d)   # the production query / key blocks
+                return _attn_check(impl, "fp8", d, "bnhd", torch.bfloat16, block_m=bm, block_n=bn,
                                    nq=150, nk=150, h=2, b=1)
             fn.__name__ = f"attn_bf16_{impl}_d{d}_prod_blocks"
-            fn.__doc__ = (f"Production case: head_dim {d}, bf16 in / out, fp8 P.V, block_m 128 and the default "
-                          "key block; 150 queries and keys (two query blocks, a ragged last key block).")
+            fn.__doc__ = (f"Production case: head_dim {d}, bf16 in / out, fp8 P.V, the default query and key "
+                          "blocks; 150 queries and keys (two or three query blocks, a ragged last key block).")
             return fn
         check(_mkap())
 

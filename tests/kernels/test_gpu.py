@@ -248,11 +248,12 @@ def test_w4a8(shape, group, act):
 # -------------------------------------------------------------------------------------- attention
 
 @pytest.mark.parametrize("pv", ["fp8", "fp16"])
-@pytest.mark.parametrize("impl", ["auto", "ptr"])
+@pytest.mark.parametrize("impl", ["auto", "ptr", "fa3"])
 @pytest.mark.parametrize("n,d", [(17776, 64), (32760, 128)], ids=["cogvideox_d64", "wan_d128"])
 def test_quant_attention(n, d, impl, pv):
     """Quantized attention at the production token counts and head dims (2 heads each), bf16 in / out, strided
-    [B, N, H, D] views, default blocks (128 queries; 128 keys at D=64, 64 at D=128; ragged last key block).
+    [B, N, H, D] views, default blocks (`reference.default_blocks`: 128 x 128 at D=64, 64 x 128 at D=128; ragged
+    last key block); "fa3" is the Gluon sm_90 kernel (64-query blocks, fp8 P.V only).
 
     Inputs are on a 1/8 grid (`_tolerances.dyadic_qkv`), so channel sums are exact and the codes of K and V
     agree with the reference up to the last bit of the mean (CUDA's mean multiplies by 1/N). In Frobenius norm:
@@ -268,12 +269,16 @@ def test_quant_attention(n, d, impl, pv):
     """
     _need("fp8" if pv == "fp8" else "int8")
     from workbench.kernels import reference as R
-    from workbench.kernels.attention import default_block_n, quant_attention_triton
+    from workbench.kernels.attention import quant_attention_triton
+    if impl == "fa3" and (pv != "fp8" or torch.cuda.get_device_capability()[0] != 9):
+        pytest.skip("the Gluon kernel is sm_90 only, fp8 P.V")
     q, k, v = TOL.dyadic_qkv(1, 2, n, n, d, seed=9, dtype=torch.bfloat16, layout="bnhd", device=DEV)
-    out = quant_attention_triton(q, k, v, pv_dtype=pv, impl=impl)
+    bm, bn = R.default_blocks(d)
+    if impl == "fa3":
+        bm = 64
+    out = quant_attention_triton(q, k, v, pv_dtype=pv, impl=impl, block_m=bm)
     assert out.dtype == torch.bfloat16 and out.shape == q.shape
-    bn = default_block_n(d)
-    ref = R.quant_attention_ref(q.float(), k.float(), v.float(), block_m=128, block_n=bn, pv_dtype=pv)
+    ref = R.quant_attention_ref(q.float(), k.float(), v.float(), block_m=bm, block_n=bn, pv_dtype=pv)
     acc_rel = (bn // 32) * 2.0 ** -13 if pv == "fp8" else 0.0
     e32 = TOL.attention_err(ref, v, bn, pv_fp8=pv == "fp8", acc_rel=acc_rel)
     vf = v.double()

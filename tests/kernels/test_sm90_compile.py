@@ -105,6 +105,52 @@ def test_quant_attention_compiles_for_sm90(d, bn, f16x2):
         assert "ex2.approx.f16x2" in ptx
 
 
+@pytest.mark.parametrize("d", [64, 128])
+def test_gluon_attention_compiles_for_sm90_with_overlapped_wgmma(d):
+    """The Gluon kernel: int8 and fp8 wgmma from TMA-filled SMEM, no spills, at most 255 registers (two 4-warp CTAs
+    per SM), no I2F, and ptxas does not serialize the wgmma pipeline (its C7514 warning: an instruction reading
+    the accumulator of an in-flight wgmma), which would undo the Q.K^T / softmax overlap the kernel exists for."""
+    G = importlib.import_module("workbench.kernels.attention_sm90")
+    if not G.HAS_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    bm, bn, warps, stages = 64, 128, 4, 3
+    kl = gl.NVMMASharedLayout.get_default_for([bn, d], gl.int8)
+    vl = gl.NVMMASharedLayout.get_default_for([d, bn], gl.float8e4nv)
+    sig = dict(q_ptr="*bf16", k_desc=f"tensordesc<i8[{bn}, {d}],{kl!r}>", ks_ptr="*fp32",
+               v_desc=f"tensordesc<fp8e4nv[{d}, {bn}],{vl!r}>", vs_ptr="*fp32", vm_ptr="*fp32", o_ptr="*bf16",
+               H="i32", NQ="i32", NK="i32", NK_PAD="i32", NKB="i32", qk_scale="fp32",
+               stride_qb="i32", stride_qh="i32", stride_qn="i32", stride_qd="i32",
+               stride_ob="i32", stride_oh="i32", stride_on="i32", stride_od="i32")
+    consts = dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, SMOOTH_V=True, num_warps=warps,
+                  stride_qd=1, stride_od=1)
+    fn = G._fa3_attn_kernel
+    names = fn.arg_names
+    full = {n: ("constexpr" if n in consts else sig[n]) for n in names}
+    div16 = ["q_ptr", "ks_ptr", "vs_ptr", "vm_ptr", "o_ptr", "stride_qb", "stride_qh", "stride_qn", "stride_ob",
+             "stride_oh", "stride_on"]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}
+    k = triton.compile(GluonASTSource(fn, full, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=warps, num_stages=1))
+    ptx = k.asm["ptx"]
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([os.path.join(_BIN, "ptxas"), "-arch=sm_90a", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True)
+    assert log.returncode == 0, log.stderr[-2000:]
+    info = log.stdout + log.stderr
+    assert "C7514" not in info, "ptxas serialized the wgmma pipeline"
+    regs = int(re.search(r"Used (\d+) registers", info).group(1))
+    assert "0 bytes spill stores" in info and regs <= 255, info
+    assert k.metadata.shared <= H100_SMEM // 2, "two CTAs per SM no longer fit in shared memory"
+    assert re.search(r"wgmma\.mma_async\S*s32\.s8\.s8", ptx) and re.search(r"wgmma\.mma_async\S*f32\.e4m3\.e4m3", ptx)
+    assert "cp.async.bulk.tensor" in ptx and "cvt.rn.f32.s32" not in ptx
+    assert re.search(r"wgmma\.wait_group\.sync\.aligned 0", ptx)
+
+
 def test_layernorm_quant_compiles_for_sm90():
     Q = importlib.import_module("workbench.kernels.act_quant")
     sig = dict(x_ptr="*bf16", q_ptr="*i8", s_ptr="*fp32", w_ptr="*fp32", b_ptr="*fp32", ms_ptr="*bf16",

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ._triton_utils import (TensorDescriptor, fast_bench, int_to_f32_exact, interpreting, is_hopper_or_newer, num_sms,
                             rint_f32, tma_ok, to_fp8_e4m3)
-from .reference import EPS, FP8_MAX, LOG2E, _div, _sdiv
+from .reference import EPS, FP8_MAX, LOG2E, _div, _sdiv, default_blocks
 
 
 @triton.jit
@@ -232,18 +232,20 @@ def last_best_config() -> Optional[str]:
 
 
 def default_block_n(head_dim: int) -> int:
-    """Key block (and K-scale granularity) used by default: 128 for D <= 64, else 64."""
-    return 128 if head_dim <= 64 else 64
+    """Key block (and K-scale granularity) used by default."""
+    return default_blocks(head_dim)[1]
 
 
 def quant_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: Optional[float] = None,
-                           block_m: int = 128, block_n: Optional[int] = None, pv_dtype: str = "fp8",
+                           block_m: Optional[int] = None, block_n: Optional[int] = None, pv_dtype: str = "fp8",
                            smooth_k: bool = True, smooth_v: bool = True, *, impl: str = "auto",
                            exp_f16x2: bool = False, pv_promote: bool = True,
                            config: Optional[Dict[str, int]] = None) -> torch.Tensor:
     """Triton quantized attention for [B, H, N, D] q/k/v (any strides); semantics of quant_attention_ref.
 
-    impl: "auto" (TMA K/V loads on sm_90+), "tma" or "ptr". exp_f16x2: compute exp2 two-at-a-time
+    block_m / block_n: query / key block (Q- and K-scale granularity); None: `default_blocks(D)`.
+    impl: "auto" (on sm_90 the Gluon kernel of attention_sm90.py at D = 128, else TMA K/V loads on sm_90+),
+    "fa3" (that Gluon kernel), "tma" or "ptr". exp_f16x2: compute exp2 two-at-a-time
     with ex2.approx.f16x2 (GPU only; halves MUFU work, P rounded to fp16 before fp8). pv_promote:
     promote the fp8 P.V wgmma accumulator to fp32 every key block. config: {num_warps, num_stages}.
     """
@@ -257,7 +259,8 @@ def quant_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm
         raise ValueError(f"head_dim must be 16, 32, 64 or 128, got {d}")
     if pv_dtype not in ("fp8", "fp16"):
         raise ValueError("pv_dtype must be 'fp8' or 'fp16'")
-    block_n = default_block_n(d) if block_n is None else block_n
+    block_m = default_blocks(d)[0] if block_m is None else block_m
+    block_n = default_blocks(d)[1] if block_n is None else block_n
     for name, blk in (("block_m", block_m), ("block_n", block_n)):
         if blk < 16 or blk & (blk - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {blk}")
@@ -304,6 +307,17 @@ def quant_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm
                                 num_warps=4 if block_n * d <= 8192 else 8)
 
     # 3) fused attention
+    if impl == "auto" and d == 128 and block_m == 64 and config is None and not exp_f16x2 and pv_promote:
+        from .attention_sm90 import fa3_supported
+        if fa3_supported(q, d, block_n, pv_fp8):
+            impl = "fa3"
+    if impl == "fa3":
+        from .attention_sm90 import fa3_supported, launch_fa3
+        if not fa3_supported(q, d, block_n, pv_fp8) or block_m != 64:
+            raise ValueError("impl='fa3' needs a Hopper GPU, Gluon (Triton >= 3.5), pv_dtype='fp8', head_dim 64 or "
+                             "128, block_m 64 and block_n 64 or 128; use impl='auto'")
+        launch_fa3(q, k8, ks, vt, vs, vm, out, h, nk, nk_pad, nkb, scale * LOG2E, block_m, block_n, smooth_v)
+        return out
     if impl == "auto":
         impl = "tma" if is_hopper_or_newer(dev) and tma_ok(k8, vt) else "ptr"
     if impl == "tma":
@@ -312,7 +326,7 @@ def quant_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm
     elif impl == "ptr":
         k_src, v_src = k8, vt
     else:
-        raise ValueError(f"impl must be 'auto', 'tma' or 'ptr', got {impl!r}")
+        raise ValueError(f"impl must be 'auto', 'fa3', 'tma' or 'ptr', got {impl!r}")
     grid = (triton.cdiv(nq, block_m), bh)
     args = (q, k_src, ks, v_src, vs, vm, out, h, nq, nk, nk_pad, nkb, scale * LOG2E,
             *q.stride(), *out.stride())

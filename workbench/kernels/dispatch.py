@@ -52,8 +52,9 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale:
     if use_triton("quant_attention", kind, q.device, backend):
         from .attention import quant_attention_triton
         return quant_attention_triton(q, k, v, sm_scale, pv_dtype=pv_dtype, **kw)
-    d = q.shape[-1]
-    kw.setdefault("block_n", 128 if d <= 64 else 64)
+    bm, bn = ref.default_blocks(q.shape[-1])
+    kw.setdefault("block_m", bm)
+    kw.setdefault("block_n", bn)
     kw = {key: val for key, val in kw.items() if key in ("block_m", "block_n", "smooth_k", "smooth_v")}
     return ref.quant_attention_ref(q, k, v, sm_scale, pv_dtype=pv_dtype, **kw)
 

@@ -320,6 +320,15 @@ def _quant_token_blocks(xf: torch.Tensor, block: int) -> Tuple[torch.Tensor, tor
     return codes, _sdiv(amax, INT8_MAX)
 
 
+def default_blocks(head_dim: int) -> tuple[int, int]:
+    """(query block, key block) used by default, i.e. the Q- and K-scale granularity on every path.
+
+    D <= 64: 128 x 128 (the Triton kernel). D = 128: 64 x 128, the shape of the Gluon sm_90 kernel
+    (kernels/attention_sm90.py), which was the fastest at D = 128 on an H200 (64-query CTAs, two per SM).
+    """
+    return (128, 128) if head_dim <= 64 else (64, 128)
+
+
 def quant_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: Optional[float] = None,
                         block_m: int = 128, block_n: int = 128, pv_dtype: str = "fp8",
                         smooth_k: bool = True, smooth_v: bool = True) -> torch.Tensor:
