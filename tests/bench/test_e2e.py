@@ -44,7 +44,7 @@ def test_run_case_measures_error_and_routes_attention():
     seen: list[list[str]] = []
     rows = bench_e2e.run_case(case, variants, torch.device("cpu"), torch.float32, warmup=1, log=lambda m: None,
                               min_attn_tokens=16, on_row=lambda part: seen.append([r.variant for r in part]),
-                              compile_backend="aot_eager")
+                              compile_backend="aot_eager", isolated=False)  # the measurement itself, in this process
     assert seen == [[v.name for v in variants[:i + 1]] for i in range(len(variants))]  # saved after every variant
     by = {r.variant: r for r in rows}
     assert all(r.error is None for r in rows), [r.error for r in rows]
@@ -120,17 +120,103 @@ def test_bench_append_joins_two_calls_and_refuses_another_gpu(tmp_path):
 
     out = tmp_path / "bench.md"
     kw = dict(out=str(out), skip_micro=True, dry_run_cpu=True, e2e_variants="bf16 eager,ours W4A8")
-    run_bench(BenchSettings(models="Wan", **kw))
+    # the first call as `workbench bench` runs: one worker process per variant, and the sampling-loop table
+    first = run_bench(BenchSettings(models="Wan", loop_variants="bf16 eager", loop_steps=2, **kw))
+    assert [(r["variant"], r["steps"], r["s_per_video"] > 0) for r in first["loop"]] == [("bf16 eager", 2, True)]
     with pytest.raises(FileNotFoundError, match="--append needs"):
         run_bench(BenchSettings(models="CogVideoX", append=True, **{**kw, "out": str(tmp_path / "other.md")}))
-    result = run_bench(BenchSettings(models="CogVideoX", append=True, **kw))
+    result = run_bench(BenchSettings(models="CogVideoX", append=True, in_process=True, skip_loop=True, **kw))
     assert {r["model"] for r in result["e2e"]} == {"Wan (tiny)", "CogVideoX (tiny)"}
     assert len(result["parts"]) == 2 and all(r["ms"] for r in result["e2e"])
     assert all(r["speedup_vs_eager"] for r in result["e2e"])  # each against its own model's baseline
+    assert [r["model"] for r in result["loop"]] == ["Wan (tiny)"]  # the first call's loop rows are kept
     page = out.read_text()
     assert "Wan (tiny) | ours W4A8" in page and "CogVideoX (tiny) | ours W4A8" in page and "joins calls" in page
+    assert "## End-to-end sampling loop (2 steps" in page and "| Wan (tiny) | bf16 eager | 2 |" in page
+    best = next(r for r in result["e2e"] if r["model"] == "Wan (tiny)" and r["variant"] == "bf16 eager")
+    assert f"| Wan (tiny) | bf16 eager | {best['ms']:.3g} | ours W4A8 |" in page  # the best peer, ours vs it
     data = json.loads(out.with_suffix(".json").read_text())
     data["env"]["gpu"] = "NVIDIA H200"
     out.with_suffix(".json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="cannot share one page"):
         run_bench(BenchSettings(models="Wan", append=True, **kw))
+
+
+def test_each_variant_in_its_own_process_a_crash_costs_its_row_only():
+    """A worker that exits, one that raises, and the others measured, their errors against bf16 eager's output
+    computed across processes (the same numbers as in this process: same seeded model and inputs)."""
+    case, cpu = bench_e2e.cases(dry=True)[1], torch.device("cpu")
+    qattn = bench_e2e.BY_NAME["ours W8A8 + qattn"]
+    variants = [bench_e2e.BY_NAME["bf16 eager"], bench_e2e.Variant("test: exits", fault="exit"),
+                bench_e2e.Variant("test: raises", fault="raise"), qattn]
+    seen, log = [], []
+    rows = bench_e2e.run_case(case, variants, cpu, torch.float32, warmup=1, log=log.append, min_attn_tokens=16,
+                              on_row=lambda part: seen.append(len(part)), timeout_s=120)
+    assert seen == [1, 2, 3, 4]  # saved after every variant
+    by = {r.variant: r for r in rows}
+    assert by["test: exits"].error == "worker exited with code 3: nothing on stderr"
+    assert by["test: raises"].error == "worker exited with code 1: RuntimeError: injected fault (isolation check)"
+    assert any(m.startswith("  test: raises: worker exited") and "\n    | RuntimeError: injected fault" in m
+               for m in log)  # the worker's stderr tail is logged
+    assert by["bf16 eager"].rel_err == 0.0 and by["bf16 eager"].ms > 0
+    _, ref = bench_e2e.measure(case, variants[0], cpu, torch.float32, log=lambda m: None, timed=False)
+    _, out = bench_e2e.measure(case, qattn, cpu, torch.float32, min_attn_tokens=16, log=lambda m: None, timed=False)
+    assert by[qattn.name].error is None and by[qattn.name].ms > 0 and by[qattn.name].qattn_calls == 2
+    assert by[qattn.name].rel_err == pytest.approx(float((out.double() - ref.double()).norm() / ref.double().norm()),
+                                                   rel=1e-9)
+    assert by[qattn.name].speedup_vs_eager and by[qattn.name].wall_s > 1  # the worker's wall time, imports included
+    md = bench_e2e.markdown(rows)
+    assert "| Wan (tiny) | test: exits | worker exited with code 3: nothing on stderr |" in md
+
+
+def test_without_bf16_eager_the_reference_still_comes_from_it(monkeypatch):
+    """A variant list without bf16 eager: one untimed bf16 eager run (no row) gives the reference."""
+    ran = []
+
+    def fake_measure(case, v, device, dtype, log=print, timed=True, **kw):
+        ran.append((v.name, timed))
+        out = torch.ones(3) * (1.0 if v.name == "bf16 eager" else 1.5)
+        return bench_e2e.Row(case.name, v.name, ms=1.0 if timed else None), out
+
+    monkeypatch.setattr(bench_e2e, "measure", fake_measure)
+    rows = bench_e2e.run_case(bench_e2e.cases(dry=True)[1], [bench_e2e.BY_NAME["ours W8A8"]], torch.device("cpu"),
+                              torch.float32, log=lambda m: None, isolated=False)
+    assert ran == [("bf16 eager", False), ("ours W8A8", True)]
+    assert [(r.variant, r.rel_err) for r in rows] == [("ours W8A8", pytest.approx(0.5))]
+
+
+def test_variants_cover_the_peers_in_budget_order_and_the_best_peer_is_named():
+    names = [v.name for v in bench_e2e.VARIANTS]
+    for peer in ("bf16 eager", "bf16 torch.compile", "bf16 torch.compile, SDPA cuDNN", "bf16 torch.compile, SDPA flash",
+                 "torchao fp8 row-wise, compiled", "torchao int8 dynamic, compiled", "bf16 + SageAttention2, compiled",
+                 "torchao fp8 + SageAttention2, compiled"):
+        assert peer in names and not bench_e2e.is_ours(peer)
+    assert names[:4] == ["bf16 eager", "bf16 torch.compile", "ours FP8 + qattn, compiled",
+                         "torchao fp8 + SageAttention2, compiled"]  # a time budget cuts ablations, not these
+    assert bench_e2e.BY_NAME["bf16 torch.compile, SDPA cuDNN"].sdpa == "cudnn"
+    assert bench_e2e.is_ours("bf16 + qattn, compiled") and bench_e2e.is_ours("ours W4A8 + qattn, compiled")
+    Row = bench_e2e.Row
+    rows = [Row("M", "bf16 eager", ms=100.0), Row("M", "bf16 torch.compile, SDPA flash", ms=80.0),
+            Row("M", "torchao fp8 + SageAttention2, compiled", ms=50.0), Row("M", "bf16 + qattn, compiled", ms=45.0),
+            Row("M", "ours FP8 + qattn, compiled", ms=40.0), Row("M", "bf16 + SageAttention2, compiled", error="x"),
+            Row("N", "bf16 eager", ms=10.0), Row("N", "ours W8A8", ms=20.0)]
+    peer, ours = bench_e2e.best_rows(rows, "M")
+    assert (peer.variant, ours.variant) == ("torchao fp8 + SageAttention2, compiled", "ours FP8 + qattn, compiled")
+    md = bench_e2e.best_peer_markdown(rows)
+    assert "| M | torchao fp8 + SageAttention2, compiled | 50 | ours FP8 + qattn, compiled | 40 | 1.25x faster |" in md
+    assert "| N | bf16 eager | 10 | ours W8A8 | 20 | 2.00x slower |" in md
+
+
+def test_bench_flags_reach_the_settings(monkeypatch):
+    from workbench.bench import page
+    from workbench.cli.commands import main
+
+    got = []
+    monkeypatch.setattr(page, "run_bench", lambda s: got.append(s) or {"targets": []})
+    assert main(["bench", "--dry-run-cpu", "--out", "x.md", "--loop-variants", "bf16 eager", "--loop-steps", "7",
+                 "--loop-budget", "30", "--variant-timeout", "90", "--skip-loop", "--in-process"]) == 0
+    s = got[0]
+    assert (s.loop_variants, s.loop_steps, s.loop_budget_s, s.variant_timeout_s, s.skip_loop, s.in_process) == (
+        "bf16 eager", 7, 30.0, 90.0, True, True)
+    with pytest.raises(SystemExit):
+        main(["bench", "--loop-steps", "0"])

@@ -15,7 +15,8 @@ from workbench.bench import page
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU dry run")
 def test_dry_run_page_says_gpu_tests_skipped_without_cuda(tmp_path):
     out = tmp_path / "bench.md"
-    result = page.run_bench(page.BenchSettings(out=str(out), dry_run_cpu=True, skip_micro=True, skip_e2e=True))
+    result = page.run_bench(page.BenchSettings(out=str(out), dry_run_cpu=True, skip_micro=True, skip_e2e=True,
+                                                    skip_loop=True))
     assert result["gpu_tests"] == {"status": "skipped: no CUDA"}
     text = out.read_text()
     assert "## GPU kernel tests\n\nskipped: no CUDA\n" in text

@@ -10,25 +10,34 @@ output error against bf16 eager measures the quantization alone. "ours" swaps th
 compile each transformer block (regional compilation: one compile serves all identical blocks); our
 kernels are `torch.library` custom ops (kernels/ops.py), so each block traces to one graph and Inductor
 can fuse the per-token activation quantization into the norm / modulation that produces it.
+
+Each variant runs in its own process (`--worker`, `workbench.bench.isolate`): a variant that crashes, hangs
+or leaks memory becomes an error row saying what happened (exit code, signal, timeout) and the others are
+measured as before. Every worker builds the same seeded model and inputs and writes its output, and the
+parent computes each row's error against the bf16 eager output. `--in-process` runs them all in this process.
+The peers: SDPA with the backend forced to cuDNN or flash, torchao fp8 row-wise / int8 dynamic, SageAttention2
+(`workbench.bench.peers`); a peer whose package is missing is a skip row saying how to get it.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import gc
 import json
 import os
 import statistics
+import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from workbench.bench import isolate, peers
 from workbench.kernels import dispatch, ops
 
 # Public configs of the two reference models (transformer/config.json of THUDM/CogVideoX-2b and
@@ -78,6 +87,15 @@ def cases(dry: bool = False) -> list[ModelCase]:
         ModelCase("Wan2.1-1.3B 81x480x832", "WanTransformer3DModel", WAN_1_3B, (1, 16, 21, 60, 104), 512,
                   21 * 30 * 52, 5),
     ]
+
+
+def case_by_name(name: str) -> tuple[ModelCase, bool]:
+    """The case of that name and whether it is a dry-run (tiny) case; how a worker finds its case."""
+    for dry in (False, True):
+        for c in cases(dry):
+            if c.name == name:
+                return c, dry
+    raise KeyError(f"unknown benchmark case {name!r}; known: {[c.name for d in (False, True) for c in cases(d)]}")
 
 
 def build(case: ModelCase, device: torch.device, dtype: torch.dtype, seed: int = 0) -> nn.Module:
@@ -141,7 +159,10 @@ def swap_ours(model: nn.Module, kind: str) -> int:
 
 def swap_torchao(model: nn.Module, kind: str) -> None:
     """torchao's dynamic int8 or fp8 row-wise quantization of the same linears."""
-    from torchao.quantization import quantize_
+    try:
+        from torchao.quantization import quantize_
+    except ImportError as exc:
+        raise ImportError(f"torchao not importable ({exc}): pip install torchao") from exc
 
     if kind == "int8":
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig as Config
@@ -154,22 +175,8 @@ def swap_torchao(model: nn.Module, kind: str) -> None:
     quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and block_linear(fqn, m))
 
 
-class _Routed:
-    """Counts the quantized-attention kernel calls since the last reset (eager or inside compiled graphs)."""
-
-    def __init__(self) -> None:
-        self.start = ops.CALLS["quant_attention"]
-
-    @property
-    def calls(self) -> int:
-        return ops.CALLS["quant_attention"] - self.start
-
-    def reset(self) -> None:
-        self.start = ops.CALLS["quant_attention"]
-
-
 @contextlib.contextmanager
-def quantized_attention(min_tokens: int = 1024) -> Iterator[_Routed]:
+def quantized_attention(min_tokens: int = 1024) -> Iterator[peers.Counter]:
     """Route long self-attention SDPA calls (no mask, head_dim 64/128) through our quantized attention.
 
     The replacement calls the `workbench::quant_attention` custom op, so torch.compile traces through it
@@ -178,14 +185,13 @@ def quantized_attention(min_tokens: int = 1024) -> Iterator[_Routed]:
     orig = F.scaled_dot_product_attention
 
     def patched(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):  # noqa: ANN001
-        if (attn_mask is None and not is_causal and dropout_p == 0.0 and not any(kw.values()) and query.shape[-1] in (64, 128)
-                and query.shape[-2] >= min_tokens and key.shape[-2] >= min_tokens):
+        if peers.routable(query, key, attn_mask, dropout_p, is_causal, kw, min_tokens):
             return torch.ops.workbench.quant_attention(query, key, value, scale, "fp8")
         return orig(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
 
     torch.nn.functional.scaled_dot_product_attention = patched
     try:
-        yield _Routed()
+        yield peers.Counter(ops.CALLS, "quant_attention")
     finally:
         torch.nn.functional.scaled_dot_product_attention = orig
 
@@ -197,31 +203,77 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:
         b.compile(backend=backend)
 
 
+OURS_QUANT = ("w8a8", "fp8", "w4a8")
+
+
 @dataclass
 class Variant:
+    """One row of the table: how the linears are quantized, how attention runs, whether blocks are compiled."""
+
     name: str
     quant: str | None = None  # ours: w8a8 / fp8 / w4a8; torchao: ao-int8 / ao-fp8
-    qattn: bool = False
+    qattn: bool = False  # our quantized attention for long self-attention
     compiled: bool = False
+    sdpa: str | None = None  # SDPA backend forced while compiling and running: "cudnn" / "flash"
+    sage: bool = False  # SageAttention2's sageattn for long self-attention
+    fault: str | None = None  # isolation checks only (tests, dry run): the worker "exit"s (code 3), "hang"s, "raise"s
+
+    @property
+    def ours(self) -> bool:
+        """Whether the row measures our kernels (else it is a peer: bf16, torchao, SageAttention2)."""
+        return self.quant in OURS_QUANT or self.qattn
 
 
-# Ordered by what matters most when a time budget cuts the list: baselines, our best, torchao, the rest.
+# Ordered by what matters most when a time budget cuts the list: the bf16 baselines, our best against the best
+# peer combination, the other peers, our other formats, then eager and single-kernel ablations.
 VARIANTS = [
     Variant("bf16 eager"),
     Variant("bf16 torch.compile", compiled=True),
+    Variant("ours FP8 + qattn, compiled", "fp8", qattn=True, compiled=True),
+    Variant("torchao fp8 + SageAttention2, compiled", "ao-fp8", sage=True, compiled=True),
+    Variant("bf16 + SageAttention2, compiled", sage=True, compiled=True),
+    Variant("torchao fp8 row-wise, compiled", "ao-fp8", compiled=True),
+    Variant("bf16 torch.compile, SDPA cuDNN", compiled=True, sdpa="cudnn"),
+    Variant("bf16 torch.compile, SDPA flash", compiled=True, sdpa="flash"),
+    Variant("ours W4A8 + qattn, compiled", "w4a8", qattn=True, compiled=True),
+    Variant("ours W8A8 + qattn, compiled", "w8a8", qattn=True, compiled=True),
+    Variant("torchao int8 dynamic, compiled", "ao-int8", compiled=True),
     Variant("ours FP8, compiled", "fp8", compiled=True),
     Variant("ours W8A8, compiled", "w8a8", compiled=True),
-    Variant("torchao fp8 row-wise, compiled", "ao-fp8", compiled=True),
-    Variant("torchao int8 dynamic, compiled", "ao-int8", compiled=True),
     Variant("ours W4A8, compiled", "w4a8", compiled=True),
-    Variant("ours FP8 + qattn, compiled", "fp8", qattn=True, compiled=True),
-    Variant("ours W8A8 + qattn, compiled", "w8a8", qattn=True, compiled=True),
-    Variant("ours W4A8 + qattn, compiled", "w4a8", qattn=True, compiled=True),
     Variant("bf16 + qattn, compiled", qattn=True, compiled=True),
     Variant("ours W8A8", "w8a8"),
     Variant("ours W8A8 + qattn", "w8a8", qattn=True),
     Variant("ours W4A8", "w4a8"),
 ]
+REFERENCE = "bf16 eager"  # every row's error is measured against this variant's output
+BY_NAME = {v.name: v for v in VARIANTS}
+# The CPU dry run: one row per mechanism (workers, compile, forced SDPA backend, our formats and attention,
+# peers' skip rows) plus a worker that crashes, so the isolation is exercised too.
+DRY_RUN_CRASH = Variant("dry-run check: worker exits with code 3", fault="exit")
+DRY_VARIANTS = [BY_NAME[n] for n in (
+    "bf16 eager", "bf16 torch.compile", "ours FP8 + qattn, compiled", "torchao fp8 + SageAttention2, compiled",
+    "bf16 + SageAttention2, compiled", "torchao fp8 row-wise, compiled", "bf16 torch.compile, SDPA cuDNN",
+    "ours W4A8 + qattn, compiled", "ours W8A8")] + [DRY_RUN_CRASH]
+
+
+def is_ours(name: str) -> bool:
+    """Whether a row (by variant name, also of an older page) measures our kernels."""
+    v = BY_NAME.get(name)
+    return v.ours if v is not None else (name.startswith("ours") or "qattn" in name)
+
+
+def skip_reason(v: Variant, device: torch.device) -> str | None:
+    """Why a variant cannot run here (its peer package is missing, or it needs a GPU in a dry run); None if it can."""
+    torchao = (v.quant or "").startswith("ao-")
+    missing = peers.unavailable(torchao=torchao, sage=v.sage)
+    if missing:
+        return missing
+    if device.type != "cuda" and torchao:
+        return "skipped: torchao's fp8 / int8 kernels need a CUDA GPU (dry run)"
+    if device.type != "cuda" and v.sage:
+        return "skipped: SageAttention2 needs a CUDA GPU (dry run)"
+    return None
 
 
 @dataclass
@@ -238,6 +290,7 @@ class Row:
     qattn_calls: int = 0
     times_ms: list[float] = field(default_factory=list)
     weight_source: str | None = None  # "bytes": weight_bytes(); None: an older run's CUDA allocator difference
+    wall_s: float | None = None  # the variant's whole run (its worker: imports, build, compile, timing)
 
 
 def _sync(device: torch.device) -> None:
@@ -267,78 +320,166 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def run_case(case: ModelCase, variants: list[Variant], device: torch.device, dtype: torch.dtype,
-             warmup: int = 2, budget_s: float | None = None, log: Callable[[str], None] = print,
-             min_attn_tokens: int = 1024, on_row: Callable[[list[Row]], None] | None = None,
-             compile_backend: str = "inductor") -> list[Row]:
-    """Time every variant on one case; a variant that fails or runs past the budget becomes an error row.
+def prepare(case: ModelCase, v: Variant, device: torch.device, dtype: torch.dtype, compile_backend: str = "inductor",
+            seed: int = 0) -> tuple[nn.Module, float]:
+    """The variant's model (seeded random weights, its linears quantized, its blocks compiled) and its weight GiB."""
+    model = build(case, device, dtype, seed)
+    if v.quant in OURS_QUANT:
+        swap_ours(model, v.quant)
+    elif v.quant in ("ao-int8", "ao-fp8"):
+        swap_torchao(model, v.quant[3:])
+    elif v.quant is not None:
+        raise ValueError(f"unknown quantization {v.quant!r} in variant {v.name!r}; known: {OURS_QUANT} and ao-int8 / ao-fp8")
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    weight_gib = weight_bytes(model) / 2**30
+    if v.compiled:
+        compile_blocks(model, compile_backend)
+    return model, weight_gib
 
-    `on_row(rows)` is called after every variant with the rows so far, so a caller can save a run that a
-    time limit cuts short in the middle of a model (a compiled variant can take minutes).
-    """
-    t_start = time.time()
-    base = build(case, device, dtype)
-    x = inputs(case, device, dtype)
-    ref = base(**x)[0].float()
-    rows: list[Row] = []
-    for v in variants:
-        row = Row(case.name, v.name)
-        rows.append(row)
-        if budget_s is not None and time.time() - t_start > budget_s:
-            row.error = "skipped: time budget exhausted"
-            continue
-        model = None
-        try:
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            model = copy.deepcopy(base)
-            if v.quant in ("w8a8", "fp8", "w4a8"):
-                swap_ours(model, v.quant)
-            elif v.quant in ("ao-int8", "ao-fp8"):
-                swap_torchao(model, v.quant[3:])
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            row.weight_gib, row.weight_source = weight_bytes(model) / 2**30, "bytes"
-            if v.compiled:
-                compile_blocks(model, compile_backend)
-            ctx = quantized_attention(min_attn_tokens) if v.qattn else contextlib.nullcontext()
-            with ctx as patched, torch.inference_mode():  # patched: the SDPA wrapper (None without qattn)
-                t0 = time.time()
+
+@contextlib.contextmanager
+def attention_context(v: Variant, min_tokens: int, device: torch.device) -> Iterator[peers.Counter | None]:
+    """The variant's attention: a forced SDPA backend, and/or long self-attention routed to our quantized kernel or
+    to SageAttention2; yields the routed kernel's call counter (None when nothing is routed)."""
+    if v.qattn and v.sage:
+        raise ValueError(f"variant {v.name!r} asks for two attention kernels (qattn and sage); pick one")
+    with contextlib.ExitStack() as stack:
+        if v.sdpa:
+            stack.enter_context(peers.sdpa_backend(v.sdpa, device))
+        counter = None
+        if v.qattn:
+            counter = stack.enter_context(quantized_attention(min_tokens))
+        elif v.sage:
+            counter = stack.enter_context(peers.sage_attention(min_tokens))
+        yield counter
+
+
+def error_text(exc: BaseException) -> str:
+    """An exception as one table cell: its type and the first line of its message."""
+    msg = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"{type(exc).__name__}: {msg}"
+
+
+def measure(case: ModelCase, v: Variant, device: torch.device, dtype: torch.dtype, warmup: int = 2,
+            min_attn_tokens: int = 1024, compile_backend: str = "inductor", log: Callable[[str], None] = print,
+            seed: int = 0, timed: bool = True) -> tuple[Row, torch.Tensor | None]:
+    """Build, quantize, compile and time one variant in this process: its row (without the error against bf16,
+    which the caller computes) and its output in float32 (None when it failed). timed=False: the output only."""
+    row, out, model = Row(case.name, v.name), None, None
+    t0 = time.time()
+    try:
+        model, row.weight_gib = prepare(case, v, device, dtype, compile_backend, seed)
+        row.weight_source = "bytes"
+        x = inputs(case, device, dtype, seed)
+        with attention_context(v, min_attn_tokens, device) as routed, torch.inference_mode():
+            if timed:
+                t = time.time()
                 for _ in range(warmup):
-                    out = model(**x)[0]
+                    model(**x)
                 _sync(device)
-                log(f"  {v.name}: warm-up {time.time() - t0:.1f}s")
+                log(f"  {v.name}: warm-up {time.time() - t:.1f}s")
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 row.times_ms = _time(lambda: model(**x), case.iters, device)
                 if device.type == "cuda":
                     row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
-                if v.qattn:
-                    patched.reset()  # count the routed calls of one forward
-                out = model(**x)[0].float()
-                if v.qattn:
-                    row.qattn_calls = patched.calls
-                    if patched.calls == 0:
-                        raise RuntimeError("no attention call was routed to the quantized kernel")
-            if not torch.isfinite(out).all():
-                raise FloatingPointError("output has NaN/inf")
+            if routed is not None:
+                routed.reset()  # count the routed calls of one forward
+            out = model(**x)[0].float()
+            if routed is not None:
+                row.qattn_calls = routed.calls
+                if routed.calls == 0:
+                    raise RuntimeError(f"no attention call was routed to {'SageAttention2' if v.sage else 'the quantized kernel'}")
+        if not torch.isfinite(out).all():
+            raise FloatingPointError("output has NaN/inf")
+        if timed:
             row.ms = statistics.median(row.times_ms)
-            row.rel_err = float((out - ref).norm() / ref.norm())
-            log(f"  {v.name}: {row.ms:.1f} ms, rel err {row.rel_err:.4f}")
-        except Exception as exc:  # noqa: BLE001 - one failing variant must not lose the table
-            row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-            log(f"  {v.name}: FAILED {row.error}")
-            if os.environ.get("WORKBENCH_BENCH_TRACEBACK"):
-                traceback.print_exc()
-        finally:
-            del model
-            torch._dynamo.reset()
-        fill_speedups(rows)
-        if on_row is not None:
-            on_row(rows)
-    del base, x, ref
+    except Exception as exc:  # noqa: BLE001 - one failing variant must not lose the table
+        row.error, out = error_text(exc), None
+        log(f"  {v.name}: FAILED {row.error}")
+        if os.environ.get("WORKBENCH_BENCH_TRACEBACK"):
+            traceback.print_exc()
+    finally:
+        del model
+        torch._dynamo.reset()
+    row.wall_s = time.time() - t0
+    return row, out
+
+
+def _worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """`--worker SPEC`: one variant of one case, measured in this fresh process; the output goes to a file."""
+    v = Variant(**spec["variant"])
+    isolate.inject_fault(v.fault)
+    case, _ = case_by_name(spec["case"])
+    device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    row, out = measure(case, v, device, dtype, warmup=spec["warmup"], min_attn_tokens=spec["min_attn_tokens"],
+                       compile_backend=spec["compile_backend"], seed=spec["seed"], timed=spec["timed"])
+    return {"row": asdict(row), "out": None if out is None else isolate.save_tensor(out, Path(spec["out"]))}
+
+
+def run_case(case: ModelCase, variants: list[Variant], device: torch.device, dtype: torch.dtype,
+             warmup: int = 2, budget_s: float | None = None, log: Callable[[str], None] = print,
+             min_attn_tokens: int = 1024, on_row: Callable[[list[Row]], None] | None = None,
+             compile_backend: str = "inductor", isolated: bool = True, timeout_s: float = 600.0,
+             seed: int = 0) -> list[Row]:
+    """Time every variant on one case, each in its own process (isolated=False: all in this one).
+
+    A variant that fails, crashes, runs past timeout_s or would start after budget_s becomes an error row; a
+    peer whose package is missing a skip row. Every row's rel. error is against bf16 eager's output (computed
+    once, untimed, when bf16 eager is not among the variants). `on_row(rows)` is called after every variant
+    with the rows so far, so a caller can save a run that a time limit cuts short in the middle of a model.
+    """
+    t_start = time.time()
+    common = dict(warmup=warmup, min_attn_tokens=min_attn_tokens, compile_backend=compile_backend, seed=seed)
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="workbench-e2e-") as tmp:
+
+        def run(v: Variant, name: str, timed: bool) -> tuple[Row, str | None]:
+            path = Path(tmp) / f"{name}.safetensors"
+            if isolated:
+                spec = dict(case=case.name, device=str(device), dtype=str(dtype).removeprefix("torch."),
+                            variant=asdict(v), out=str(path), timed=timed, **common)
+                res = isolate.run_worker("workbench.bench.e2e", spec, Path(tmp), name, timeout_s, log, v.name)
+                if res.result is None:
+                    return Row(case.name, v.name, error=res.error, wall_s=res.seconds), None
+                return Row(**{**res.result["row"], "wall_s": res.seconds}), res.result["out"]
+            if v.fault:
+                return Row(case.name, v.name, error="skipped: fault injection needs worker processes"), None
+            row, out = measure(case, v, device, dtype, log=log, timed=timed, **common)
+            return row, None if out is None else isolate.save_tensor(out, path)
+
+        errors = isolate.ErrorsAgainst(REFERENCE)
+        need_ref = all(v.name != REFERENCE for v in variants)
+        for i, v in enumerate(variants):
+            row = Row(case.name, v.name)
+            skip = skip_reason(v, device)
+            if skip:
+                row.error = skip
+            elif budget_s is not None and time.time() - t_start > budget_s:
+                row.error = "skipped: time budget exhausted"
+            else:
+                if need_ref:  # before the first variant that runs
+                    need_ref = False
+                    ref_row, ref_path = run(Variant(REFERENCE), "reference", timed=False)
+                    if ref_path is None:
+                        log(f"  {REFERENCE} (the reference of the errors) failed: {ref_row.error}")
+                    errors.add(REFERENCE, ref_path)
+                row, path = run(v, f"variant{i:02d}", timed=True)
+                for name, err in errors.add(v.name, path).items():
+                    for r in rows + [row]:
+                        if r.variant == name:
+                            r.rel_err = err
+                if row.ms is not None:
+                    log(f"  {v.name}: {row.ms:.1f} ms, rel err {'-' if row.rel_err is None else format(row.rel_err, '.4f')}"
+                        + ("" if row.wall_s is None else f", {row.wall_s:.0f} s in all"))
+            rows.append(row)
+            fill_speedups(rows)
+            if on_row is not None:
+                on_row(rows)
     return rows
 
 
@@ -361,6 +502,35 @@ def fill_speedups(rows: list[Row]) -> None:
                 r.speedup_vs_compiled = compiled / r.ms if compiled else None
 
 
+def cell(text: str) -> str:
+    """Text safe inside a markdown table cell (one line, no column separators)."""
+    return " ".join(str(text).split()).replace("|", "/")
+
+
+def best_rows(rows: list[Any], model: str, key: str = "ms") -> tuple[Any | None, Any | None]:
+    """The model's fastest measured peer row (not ours; bf16 eager included) and its fastest row of ours, by
+    `key` (ms for the forward table, s_per_video for the sampling loop)."""
+    timed = [r for r in rows if r.model == model and getattr(r, key)]
+    peer = min((r for r in timed if not is_ours(r.variant)), key=lambda r: getattr(r, key), default=None)
+    ours = min((r for r in timed if is_ours(r.variant)), key=lambda r: getattr(r, key), default=None)
+    return peer, ours
+
+
+def best_peer_markdown(rows: list[Any], key: str = "ms", unit: str = "ms") -> str:
+    """Per model: the best peer (fastest row that is not ours), our fastest row, and ours vs it."""
+    lines = [f"| model | best peer (fastest non-ours row) | {unit} | best of ours | {unit} | ours vs best peer |",
+             "|---|---|---:|---|---:|---:|"]
+    for model in dict.fromkeys(r.model for r in rows):
+        peer, ours = best_rows(rows, model, key)
+        if peer is None and ours is None:
+            continue
+        pv, ov = (None if r is None else getattr(r, key) for r in (peer, ours))
+        ratio = f"{pv / ov:.2f}x faster" if pv and ov and pv >= ov else f"{ov / pv:.2f}x slower" if pv and ov else "-"
+        lines.append(f"| {model} | {peer.variant if peer else '-'} | {'-' if pv is None else f'{pv:.3g}'} | "
+                     f"{ours.variant if ours else '-'} | {'-' if ov is None else f'{ov:.3g}'} | {ratio} |")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[Row]) -> str:
     """The end-to-end table (one row per model x variant)."""
     def f(v: float | None, fmt: str) -> str:
@@ -374,7 +544,7 @@ def markdown(rows: list[Row]) -> str:
     dagger = False
     for r in rows:
         if r.error:
-            lines.append(f"| {r.model} | {r.variant} | {r.error} | | | | | |")
+            lines.append(f"| {r.model} | {r.variant} | {cell(r.error)} | | | | | |")
             continue
         w = f(r.weight_gib, '.3f')
         if r.weight_gib is not None and r.weight_source != "bytes":
@@ -397,14 +567,36 @@ def split_names(text: str, known: list[str]) -> list[str]:
     return [n for n in out if n]
 
 
+def select_variants(text: str | None, default: list[Variant]) -> list[Variant]:
+    """The variants a comma-separated list of exact names asks for, in the order asked (a time budget cuts the
+    tail); `default` when text is empty."""
+    if not text:
+        return list(default)
+    known = {v.name: v for v in VARIANTS + [DRY_RUN_CRASH]}
+    names = split_names(text, list(known))
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; known: {list(known)}")
+    return [known[n] for n in dict.fromkeys(names)]
+
+
 def main(argv: list[str] | None = None, on_row: Callable[[list[Row]], None] | None = None) -> list[Row]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dry-run-cpu", action="store_true", help="tiny configs on the CPU reference path")
+    p.add_argument("--dry-run-cpu", action="store_true",
+                   help="tiny configs on the CPU reference path (one variant per mechanism and a crashing worker)")
     p.add_argument("--models", default=None, help="comma-separated substrings of case names to run")
     p.add_argument("--variants", default=None, help="comma-separated exact variant names (default: all)")
     p.add_argument("--budget", type=float, default=None, help="seconds per model after which variants are skipped")
+    p.add_argument("--variant-timeout", type=float, default=None,
+                   help="seconds one variant's worker may take before it is killed (default 600; 300 in a dry run)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run every variant in this process (no isolation: one crash ends the run)")
     p.add_argument("--out", default=os.environ.get("OUT"), help="folder for bench_e2e.{md,json}")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one variant, from a spec file
     a = p.parse_args(argv)
+    if a.worker:
+        isolate.worker_main(a.worker, _worker)
+        return []
     dry = a.dry_run_cpu
     if not dry and not torch.cuda.is_available():
         raise SystemExit("the end-to-end benchmark needs a CUDA GPU; use --dry-run-cpu to check its logic on the CPU")
@@ -412,16 +604,9 @@ def main(argv: list[str] | None = None, on_row: Callable[[list[Row]], None] | No
     dtype = torch.float32 if dry else torch.bfloat16
     if not dry:
         torch.backends.cuda.matmul.allow_tf32 = True
-    variants = VARIANTS
-    if a.variants:
-        names = split_names(a.variants, [v.name for v in VARIANTS])
-        unknown = [n for n in names if n not in {v.name for v in VARIANTS}]
-        if unknown:
-            raise SystemExit(f"unknown variant(s) {unknown}; known: {[v.name for v in VARIANTS]}")
-        by_name = {v.name: v for v in VARIANTS}
-        variants = [by_name[n] for n in dict.fromkeys(names)]  # in the order asked (a time budget cuts the tail)
-    if dry:  # torchao is a GPU matter; compiled variants trace with aot_eager (Dynamo + AOT, no codegen)
-        variants = [v for v in variants if not (v.quant or "").startswith("ao-")]
+    # compiled variants trace with aot_eager in a dry run (Dynamo + AOT, no codegen)
+    variants = select_variants(a.variants, DRY_VARIANTS if dry else VARIANTS)
+    timeout = a.variant_timeout or (300.0 if dry else 600.0)
     rows: list[Row] = []
     for case in cases(dry):
         if a.models and not any(m.strip() in case.name for m in a.models.split(",")):
@@ -429,9 +614,10 @@ def main(argv: list[str] | None = None, on_row: Callable[[list[Row]], None] | No
         print(f"{case.name}: {case.tokens} tokens", flush=True)
         done = list(rows)
         rows += run_case(case, variants, device, dtype, budget_s=a.budget, min_attn_tokens=16 if dry else 1024,
-                         compile_backend="aot_eager" if dry else "inductor",
+                         compile_backend="aot_eager" if dry else "inductor", isolated=not a.in_process,
+                         timeout_s=timeout,
                          on_row=None if on_row is None else (lambda part, done=done: on_row(done + part)))
-    md = markdown(rows)
+    md = markdown(rows) + "\n\n" + best_peer_markdown(rows)
     print(md)
     if a.out:
         os.makedirs(a.out, exist_ok=True)

@@ -10,7 +10,9 @@
 prints a FAILED banner and exits 1 at the end if any check is out of tolerance), then (ii) times
 with triton.testing.do_bench (median) the linear shapes of CogVideoX-2B and Wan2.1-1.3B and their
 attention, rotating through input buffers larger than L2. A failing variant prints its error and
-the table continues.
+the table continues. The attention peers (SDPA as torch picks it, SDPA forced to cuDNN / flash,
+SageAttention2's sageattn) each run in their own process (`--worker`), so a crashing or hanging peer
+costs its row only.
 """
 
 from __future__ import annotations
@@ -436,21 +438,102 @@ def bench_linears(quick: bool, budget: float, models: List[str]) -> None:
                 torch.cuda.empty_cache()
 
 
-def bench_attention(quick: bool, budget: float, models: List[str]) -> None:
-    """(ii) attention: SDPA (as torch picks, plus explicit backends) vs ours."""
+ATTN_SHAPES = {"CogVideoX-2B": (1, 30, 17776, 64), "Wan2.1-1.3B": (1, 12, 32760, 128)}  # B, H, N, D
+ATTN_SHAPES_DRY = {"CogVideoX-2B": (1, 2, 70, 32), "Wan2.1-1.3B": (1, 1, 50, 16)}
+# The peers, each timed in its own process (method label -> peer); the first is the speed-up baseline.
+ATTN_PEERS = {"SDPA bf16 (backend torch picks)": "sdpa", "SDPA bf16 CUDNN_ATTENTION": "cudnn",
+              "SDPA bf16 FLASH_ATTENTION": "flash", "SageAttention2 sageattn (int8 QK, fp8 PV)": "sage"}
+
+
+def attn_inputs(model: str) -> tuple[str, float, "Rotator", tuple]:
+    """The model's attention shape label, FLOPs, rotating q/k/v sets (seeded: the same in every process) and
+    the first set."""
+    b, h, n, d = (ATTN_SHAPES_DRY if DRY else ATTN_SHAPES)[model]
+    sets = [make_qkv(b, h, n, d, seed=i) for i in range(n_buffers(3 * b * h * n * d * 2))]
+    return f"attn B={b} H={h} N={n} D={d}", 4.0 * b * h * n * n * d, Rotator(sets), sets[0]
+
+
+def attn_peer_fn(peer: str) -> Callable[..., torch.Tensor]:
+    """One peer's attention call on [B, H, N, D] bf16 q/k/v."""
+    if peer == "sdpa":
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
+    if peer in ("cudnn", "flash"):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        from workbench.bench.peers import SDPA_BACKENDS
+        backend = getattr(SDPBackend, SDPA_BACKENDS[peer])
+
+        def forced(q, k, v):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v)
+        return forced
+    if peer == "sage":
+        import sageattention
+        return lambda q, k, v: sageattention.sageattn(q, k, v, tensor_layout="HND", is_causal=False)
+    raise ValueError(f"unknown attention peer {peer!r}; known: {sorted(set(ATTN_PEERS.values()))}")
+
+
+def _attn_peer_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """`--worker SPEC`: time one attention peer in this fresh process; returns its table row."""
+    global DEV, DRY
+    from workbench.bench import isolate
+    isolate.inject_fault(spec.get("fault"))
+    DEV, DRY = spec["device"], spec["dry"]
+    model, method, peer = spec["model"], spec["method"], spec["peer"]
+    shape, flops, rot, (q0, k0, v0) = attn_inputs(model)
+    fn = attn_peer_fn(peer)
+    rel = None
+    if spec["rel"]:
+        ref = attention_fp32_chunked(q0, k0, v0)
+        rel = lambda: rel_err(fn(q0, k0, v0), ref)  # noqa: E731
+    time_variant(model, shape, method, lambda: (lambda: fn(*rot.next())), flops, spec["base_ms"], rel,
+                 spec["quick"], float("inf"), "own process")
+    return ROWS[-1]
+
+
+def attn_peer_row(model: str, method: str, base_ms: Optional[float], quick: bool, budget: float,
+                  timeout_s: float) -> Optional[float]:
+    """Time one attention peer in its own process (a crash or hang costs its row only); returns its ms."""
+    import tempfile
+    from pathlib import Path
+
+    from workbench.bench import isolate, peers
+    peer = ATTN_PEERS[method]
+    b, h, n, d = (ATTN_SHAPES_DRY if DRY else ATTN_SHAPES)[model]
+    shape = f"attn B={b} H={h} N={n} D={d}"
+    skip = peers.unavailable(torchao=False, sage=peer == "sage")
+    if skip is None and DRY and peer == "sage":
+        skip = "skipped: SageAttention2 needs a CUDA GPU (dry run)"
+    if skip is None and time.time() - T0 > budget:
+        skip = "skipped: time budget exhausted"
+    if skip:
+        add_row(group=model, shape=shape, method=method, ms=None, error=skip)
+        return None
+    spec = dict(device=DEV, dry=DRY, model=model, method=method, peer=peer, quick=quick, base_ms=base_ms,
+                rel=peer in ("sdpa", "sage"))
+    with tempfile.TemporaryDirectory(prefix="workbench-micro-") as tmp:
+        res = isolate.run_worker("workbench.bench.micro", spec, Path(tmp), f"attn-{peer}", timeout_s, log, method)
+    if res.result is None:
+        add_row(group=model, shape=shape, method=method, ms=None, error=res.error)
+        return None
+    ROWS.append(res.result)
+    log(f"  {model:12s} {shape:28s} {method:42s} (own process, {res.seconds:.0f} s)")
+    return res.result.get("ms")
+
+
+def bench_attention(quick: bool, budget: float, models: List[str], peer_timeout_s: float = 300.0) -> None:
+    """(ii) attention: SDPA (as torch picks, plus explicit backends) and SageAttention2, each in its own process,
+    vs ours (in this one)."""
     qa_mod = importlib.import_module("workbench.kernels.attention")
-    cfgs = {"CogVideoX-2B": (1, 30, 17776, 64), "Wan2.1-1.3B": (1, 12, 32760, 128)}
-    if DRY:
-        cfgs = {"CogVideoX-2B": (1, 2, 70, 32), "Wan2.1-1.3B": (1, 1, 50, 16)}
     for model in models:
-        b, h, n, d = cfgs[model]
-        shape = f"attn B={b} H={h} N={n} D={d}"
-        log(f"attention {model} {shape}")
-        flops = 4.0 * b * h * n * n * d
-        nb = n_buffers(3 * b * h * n * d * 2)
-        sets = [make_qkv(b, h, n, d, seed=i) for i in range(nb)]
-        rot = Rotator(sets)
-        q0, k0, v0 = sets[0]
+        b, h, n, d = (ATTN_SHAPES_DRY if DRY else ATTN_SHAPES)[model]
+        log(f"attention {model} attn B={b} H={h} N={n} D={d}")
+        base = None
+        for method in ATTN_PEERS:
+            ms = attn_peer_row(model, method, base, quick, budget, peer_timeout_s)
+            if ATTN_PEERS[method] == "sdpa":
+                base = ms
+        shape, flops, rot, (q0, k0, v0) = attn_inputs(model)
         ref = attention_fp32_chunked(q0, k0, v0)
 
         def rel_of(f):
@@ -458,24 +541,6 @@ def bench_attention(quick: bool, budget: float, models: List[str]) -> None:
 
         def mk(f):
             return lambda: (lambda: f(*rot.next()))
-
-        def sdpa(q, k, v):
-            return F.scaled_dot_product_attention(q, k, v)
-
-        base = time_variant(model, shape, "SDPA bf16 (backend torch picks)", mk(sdpa), flops, None, rel_of(sdpa),
-                            quick, budget)
-        try:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-            for bk_name in ("CUDNN_ATTENTION", "FLASH_ATTENTION"):
-                backend = getattr(SDPBackend, bk_name)
-
-                def sdpa_b(q, k, v, backend=backend):
-                    with sdpa_kernel(backend):
-                        return F.scaled_dot_product_attention(q, k, v)
-
-                time_variant(model, shape, f"SDPA bf16 {bk_name}", mk(sdpa_b), flops, base, None, quick, budget)
-        except Exception as exc:
-            log(f"explicit SDPA backends unavailable: {exc}")
 
         def ours(q, k, v):
             return qa_mod.quant_attention_triton(q, k, v)
@@ -504,7 +569,7 @@ def bench_attention(quick: bool, budget: float, models: List[str]) -> None:
                 return qa_mod.quant_attention_triton(q, k, v, config=cfg, **kw)
             time_variant(model, shape, label, mk(v_fn), flops, base, rel_of(v_fn), quick, budget,
                          f"config {cfg}")
-        del sets, rot, q0, k0, v0, ref
+        del rot, q0, k0, v0, ref
         if not DRY:
             torch.cuda.empty_cache()
 
@@ -517,7 +582,7 @@ def markdown() -> str:
              "|---|---|---|---:|---:|---:|---:|---|"]
     for r in ROWS:
         if r.get("ms") is None:
-            err = r.get("error", "")[:200].replace("|", "/")
+            err = r.get("error", "")[:400].replace("|", "/")
             lines.append(f"| {r['group']} | {r['shape']} | {r['method']} | - | - | - | - | {err} |")
         else:
             rel = "-" if r.get("rel_err") is None else f"{r['rel_err']:.2e}"
@@ -568,8 +633,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--budget", type=float, default=225.0, help="seconds after which remaining timings are skipped")
     ap.add_argument("--dry-run-cpu", action="store_true",
                     help="exercise this script on CPU with tiny shapes in the Triton interpreter (no timings)")
+    ap.add_argument("--peer-timeout", type=float, default=300.0,
+                    help="seconds one attention peer's process may run before it is killed")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one attention peer, from a spec file
     args = ap.parse_args(argv)
     global DEV, DRY
+    if args.worker:
+        from workbench.bench.isolate import worker_main
+        worker_main(args.worker, _attn_peer_worker)
+        return 0
     if args.dry_run_cpu:
         os.environ["TRITON_INTERPRET"] = "1"   # before any triton import
         DEV, DRY = "cpu", True
@@ -590,7 +662,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.only in (None, "linear"):
         bench_linears(args.quick, args.budget, models)
     if args.only in (None, "attention"):
-        bench_attention(args.quick, args.budget + 20, models)
+        bench_attention(args.quick, args.budget + 20, models, args.peer_timeout)
     md = markdown()
     print("\n" + md + "\n")
     result = dict(env=info, checks=CHECKS, rows=ROWS, failed_checks=FAILED, tuned_configs=tuned_configs(),

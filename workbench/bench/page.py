@@ -3,10 +3,11 @@
 Runs the GPU kernel tests (`tests/kernels/test_gpu.py`: every Triton kernel against its reference at
 production shapes, tolerances derived from the formats' rounding; in a source checkout), the kernel
 correctness checks and per-shape microbenchmarks (`workbench.bench.micro`), then the end-to-end
-transformer forwards (`workbench.bench.e2e`), and writes one markdown page: the issue's targets with
-the measured number beside each, the GPU kernel tests' counts and failures, then every table. On a
-machine without CUDA it stops with a clear message (`--dry-run-cpu` checks the logic on tiny shapes
-instead; the GPU kernel tests then read "skipped: no CUDA").
+transformer forwards (`workbench.bench.e2e`) and the 50-step sampling loop (`workbench.bench.loop`), each
+variant in its own process, and writes one markdown page: the issue's targets with the measured number
+beside each, the GPU kernel tests' counts and failures, the best peer per model against ours, then every
+table. On a machine without CUDA it stops with a clear message (`--dry-run-cpu` checks the logic on tiny
+shapes instead; the GPU kernel tests then read "skipped: no CUDA").
 """
 from __future__ import annotations
 
@@ -35,23 +36,30 @@ class BenchSettings:
     quick: bool = False
     micro_budget_s: float = 225.0
     e2e_budget_s: float | None = None  # per model
-    models: str | None = None  # e2e case-name substrings
+    models: str | None = None  # e2e and loop case-name substrings
     e2e_variants: str | None = None
+    loop_variants: str | None = None  # default: bf16 torch.compile, the best peer measured, ours FP8 / W4A8 + qattn
+    loop_steps: int = 50
+    loop_budget_s: float | None = None  # per model
+    variant_timeout_s: float | None = None  # one variant's worker process (default 600 s; 300 s in a dry run)
+    in_process: bool = False  # every variant in this process (no isolation; debugging only)
     skip_micro: bool = False
     skip_e2e: bool = False
+    skip_loop: bool = False
     dry_run_cpu: bool = False
     force: bool = False
     append: bool = False  # extend an earlier run's page (same GPU) instead of replacing it
     gpu_tests_timeout_s: float = 480.0  # the GPU kernel test module runs with the kernel part (not with --skip-micro)
 
 
-def merge_e2e(old: list[dict], new: list[dict]) -> list[dict]:
-    """Rows of `old` updated by `new`, keyed by (model, variant); a new error/skip row never hides a measured one."""
+def merge_e2e(old: list[dict], new: list[dict], measured: str = "ms") -> list[dict]:
+    """Rows of `old` updated by `new`, keyed by (model, variant); a new error/skip row never hides a measured one
+    (one with a `measured` value: ms in the forward table, s_per_video in the sampling loop's)."""
     out = {(r["model"], r["variant"]): r for r in old}
     for r in new:
         key = (r["model"], r["variant"])
         prev = out.get(key)
-        if prev is not None and prev.get("ms") and not r.get("ms"):
+        if prev is not None and prev.get(measured) and not r.get(measured):
             continue
         out[key] = r
     return list(out.values())
@@ -212,7 +220,8 @@ def environment() -> dict[str, Any]:
 
 
 def write_markdown(path: Path, env: dict, tgt: list[dict], micro_md: str | None, e2e_md: str | None,
-                   wall_s: float, parts: list[dict] | None = None, gpu_tests: dict | None = None) -> None:
+                   wall_s: float, parts: list[dict] | None = None, gpu_tests: dict | None = None,
+                   loop_md: str | None = None, loop_title: str = "") -> None:
     head = (f"Written by `workbench bench` on {env['date']}: **{env['gpu']}**, torch {env['torch']}, "
             f"triton {env['triton']}, diffusers {env['diffusers']}, torchao {env['torchao']}; "
             f"run took {wall_s / 60:.1f} min.")
@@ -223,7 +232,14 @@ def write_markdown(path: Path, env: dict, tgt: list[dict], micro_md: str | None,
     lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |" for t in tgt]
     lines += ["", "## GPU kernel tests", "", gpu_tests_markdown(gpu_tests)]
     if e2e_md:
-        lines += ["", "## End-to-end transformer forward (batch 1, random weights, one denoising step)", "", e2e_md]
+        lines += ["", "## End-to-end transformer forward (batch 1, random weights, one denoising step)", "",
+                  "Each variant ran in its own process; rel. error is against bf16 eager's output (same seed). "
+                  "The second table names each model's best peer (its fastest row that is not ours).", "", e2e_md]
+    if loop_md:
+        lines += ["", f"## End-to-end sampling loop ({loop_title})", "",
+                  "Seconds per video: the transformer (cond + uncond as one batch of 2) and an Euler step per denoising "
+                  "step, after two warm-up steps; text encoder and VAE not counted. Random weights, same seed for every "
+                  "variant; rel. error compares the final latents with the named variant's.", "", loop_md]
     if micro_md:
         lines += ["", "## Kernels", "", micro_md]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -244,19 +260,22 @@ def run_bench(s: BenchSettings) -> dict[str, Any]:
     micro_rows: list[dict] = []
     micro_md = None
     e2e_rows: list[dict] = []
+    loop_rows: list[dict] = []
     parts: list[dict] = []
     gpu_tests: dict | None = None
     if s.append:
         prev = load_previous(out.with_suffix(".json"), env)
         micro_rows, micro_md = prev.get("micro", []), prev.get("micro_md")
         e2e_rows, parts = prev.get("e2e", []), prev.get("parts", [])
+        loop_rows = prev.get("loop", [])
         gpu_tests = prev.get("gpu_tests")
     fresh = gpu_kernel_tests(s)  # a run replaces an appended page's result; a reason not to run does not
     if fresh.get("status") == "ran" or not (gpu_tests and gpu_tests.get("status") == "ran"):
         gpu_tests = fresh
     print(f"GPU kernel tests: {gpu_tests_markdown(gpu_tests).splitlines()[0]}", flush=True)
     what = ", ".join(x for x in (None if s.skip_micro else "kernels",
-                                 None if s.skip_e2e else f"end to end {s.models or 'all models'}") if x)
+                                 None if s.skip_e2e else f"end to end {s.models or 'all models'}",
+                                 None if s.skip_loop else f"sampling loop {s.models or 'all models'}") if x)
     part = {"date": env["date"], "what": what, "wall_s": 0.0}
     parts = parts + [part]
     if not s.skip_micro:  # its own process: the Triton interpreter flag must precede any triton import
@@ -276,32 +295,52 @@ def run_bench(s: BenchSettings) -> dict[str, Any]:
             if rc:
                 micro_md = "**Some kernel correctness checks FAILED (see the checks table).**\n\n" + micro_md
 
-    def write(partial: list[dict] | None = None) -> dict[str, Any]:
-        """Write the page and JSON; called after every part and every end-to-end variant, so a run cut
-        short by a time limit still leaves what it measured."""
+    def write(partial: list[dict] | None = None, loop_partial: list[dict] | None = None) -> dict[str, Any]:
+        """Write the page and JSON; called after every part and every variant, so a run cut short by a time
+        limit still leaves what it measured."""
         row_objs = bench_e2e.ordered([bench_e2e.Row(**r) for r in merge_e2e(e2e_rows, partial or [])])
         bench_e2e.fill_speedups(row_objs)  # rows merged from several calls: speed-ups against this page's baselines
         rows = [asdict(r) for r in row_objs]
+        merged_loop = merge_e2e(loop_rows, loop_partial or [], "s_per_video")
+        loop_objs = bench_e2e.ordered([bench_loop.LoopRow(**r) for r in merged_loop])
+        bench_loop.fill_speedups(loop_objs)
         tgt = targets(micro_rows, rows)
-        e2e_md = bench_e2e.markdown(row_objs) if rows else None
+        e2e_md = bench_e2e.markdown(row_objs) + "\n\n" + bench_e2e.best_peer_markdown(row_objs) if rows else None
+        loop_md = bench_loop.markdown(loop_objs) if loop_objs else None
+        steps = sorted({r.steps for r in loop_objs})
+        loop_title = (f"{'/'.join(map(str, steps))} steps, classifier-free guidance as batch 2, random weights")
         part["wall_s"] = time.time() - t0
-        write_markdown(out, env, tgt, micro_md, e2e_md, sum(p["wall_s"] for p in parts), parts, gpu_tests)
+        write_markdown(out, env, tgt, micro_md, e2e_md, sum(p["wall_s"] for p in parts), parts, gpu_tests,
+                       loop_md, loop_title)
         result = {"env": env, "targets": tgt, "gpu_tests": gpu_tests, "micro": micro_rows, "micro_md": micro_md,
-                  "e2e": rows, "parts": parts, "settings": asdict(s)}
+                  "e2e": rows, "loop": [asdict(r) for r in loop_objs], "parts": parts, "settings": asdict(s)}
         out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
         return result
 
     from workbench.bench import e2e as bench_e2e
+    from workbench.bench import loop as bench_loop
 
     result = write()
+    names = [c.name for c in bench_e2e.cases(s.dry_run_cpu)]
+    wanted = [n for n in names if not s.models or any(m.strip() in n for m in s.models.split(","))]
+    common = (["--dry-run-cpu"] if s.dry_run_cpu else []) + (["--in-process"] if s.in_process else []) + \
+             (["--variant-timeout", str(s.variant_timeout_s)] if s.variant_timeout_s else []) + ["--out", ""]
     if not s.skip_e2e:
-        names = [c.name for c in bench_e2e.cases(s.dry_run_cpu)]
-        wanted = [n for n in names if not s.models or any(m.strip() in n for m in s.models.split(","))]
         for name in wanted:
-            argv = (["--dry-run-cpu"] if s.dry_run_cpu else []) + ["--models", name, "--out", ""] + \
-                   (["--variants", s.e2e_variants] if s.e2e_variants else []) + \
+            argv = common + ["--models", name] + (["--variants", s.e2e_variants] if s.e2e_variants else []) + \
                    (["--budget", str(s.e2e_budget_s)] if s.e2e_budget_s else [])
             e2e_rows = merge_e2e(e2e_rows, [asdict(r) for r in bench_e2e.main(
                 argv, on_row=lambda rows: write([asdict(r) for r in rows]))])
+            result = write()
+    if not s.skip_loop:
+        row_objs = [bench_e2e.Row(**r) for r in e2e_rows]
+        for name in wanted:
+            peer = bench_e2e.best_rows(row_objs, name)[0]  # the loop's default peer row: the forward table's best
+            argv = common + ["--models", name, "--steps", str(s.loop_steps)] + \
+                   (["--variants", s.loop_variants] if s.loop_variants else []) + \
+                   (["--budget", str(s.loop_budget_s)] if s.loop_budget_s else [])
+            loop_rows = merge_e2e(loop_rows, [asdict(r) for r in bench_loop.main(
+                argv, on_row=lambda rows: write(loop_partial=[asdict(r) for r in rows]),
+                best_peer={name: peer.variant} if peer else None)], "s_per_video")
             result = write()
     return result

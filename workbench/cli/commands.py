@@ -164,8 +164,10 @@ def cmd_bench(args) -> int:
     from workbench.bench.page import BenchSettings, run_bench
 
     s = BenchSettings(out=args.out, quick=args.quick, micro_budget_s=args.micro_budget, e2e_budget_s=args.e2e_budget,
-                      models=args.models, e2e_variants=args.variants, skip_micro=args.skip_micro,
-                      skip_e2e=args.skip_e2e, dry_run_cpu=args.dry_run_cpu, force=args.force, append=args.append)
+                      models=args.models, e2e_variants=args.variants, loop_variants=args.loop_variants,
+                      loop_steps=args.loop_steps, loop_budget_s=args.loop_budget, variant_timeout_s=args.variant_timeout,
+                      in_process=args.in_process, skip_micro=args.skip_micro, skip_e2e=args.skip_e2e,
+                      skip_loop=args.skip_loop, dry_run_cpu=args.dry_run_cpu, force=args.force, append=args.append)
     result = run_bench(s)
     for t in result["targets"]:
         print(f"[{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['measured']}")
@@ -301,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an earlier export in --out (only the files it wrote)")
     p.set_defaults(fn=cmd_export)
 
-    p = sub.add_parser("bench", help="GPU benchmark: kernels and end-to-end forwards vs bf16 and torchao")
+    p = sub.add_parser("bench", help="GPU benchmark: kernels, end-to-end forwards and sampling loops vs bf16, "
+                                      "torchao and SageAttention2")
     p.add_argument("--out", default="docs/benchmarks.md", help="markdown page to write (a .json lands beside it)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--append", action="store_true",
@@ -311,8 +314,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--e2e-budget", type=float, default=None, help="seconds per end-to-end model")
     p.add_argument("--models", default=None, help="end-to-end cases to run (substrings: CogVideoX, Wan)")
     p.add_argument("--variants", default=None, help="end-to-end variants to run (exact names, comma-separated)")
+    p.add_argument("--loop-variants", default=None,
+                   help="sampling-loop variants (exact names, comma-separated; default: bf16 torch.compile, the best "
+                        "peer, ours FP8 + qattn and ours W4A8 + qattn, compiled)")
+    p.add_argument("--loop-steps", type=steps_arg, default=50, help="denoising steps per video in the sampling loop")
+    p.add_argument("--loop-budget", type=float, default=None, help="seconds per sampling-loop model")
+    p.add_argument("--variant-timeout", type=float, default=None,
+                   help="seconds one variant's process may run before it is killed (default 600; 300 in a dry run)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run every variant in this process (no isolation: one crash ends the run)")
     p.add_argument("--skip-micro", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
+    p.add_argument("--skip-loop", action="store_true", help="no sampling-loop table")
     p.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes on the CPU reference path")
     p.set_defaults(fn=cmd_bench)
     return ap

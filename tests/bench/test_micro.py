@@ -1,0 +1,30 @@
+"""The attention microbenchmark on the CPU dry run: each peer row (SDPA as torch picks it, SDPA forced to cuDNN /
+flash, SageAttention2) comes from its own process, and our rows' speed-ups are against the peer baseline's time."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def test_attention_peers_run_in_their_own_processes(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "workbench.bench.micro", "--dry-run-cpu", "--only", "attention",
+                           "--skip-checks", "--quick", "--models", "Wan2.1-1.3B"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["method"]: r for r in json.loads((tmp_path / "gpu_kernels_bench.json").read_text())["rows"]}
+    base = rows["SDPA bf16 (backend torch picks)"]
+    assert base["ms"] > 0 and base["note"] == "own process" and base["rel_err"] < 0.01
+    flash = rows["SDPA bf16 FLASH_ATTENTION"]
+    assert flash["note"] == "own process" and flash["speedup"] == pytest.approx(base["ms"] / flash["ms"])
+    assert rows["SDPA bf16 CUDNN_ATTENTION"]["ms"] is None  # the CPU has no cuDNN attention: its error, its row only
+    sage = rows["SageAttention2 sageattn (int8 QK, fp8 PV)"]
+    assert sage["ms"] is None and sage["error"].startswith("skipped: ")
+    if "not importable" in sage["error"]:
+        assert "git clone https://github.com/thu-ml/SageAttention" in sage["error"]
+    ours = next(r for m, r in rows.items() if m.startswith("ours int8 QK"))
+    assert ours["speedup"] == pytest.approx(base["ms"] / ours["ms"])  # against the other process's baseline
