@@ -479,6 +479,8 @@ def _attn_peer_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     from workbench.bench import isolate
     isolate.inject_fault(spec.get("fault"))
     DEV, DRY = spec["device"], spec["dry"]
+    torch.backends.cuda.matmul.allow_tf32 = False  # as main(): the fp32 reference must be real fp32
+    torch.backends.cudnn.allow_tf32 = False
     model, method, peer = spec["model"], spec["method"], spec["peer"]
     shape, flops, rot, (q0, k0, v0) = attn_inputs(model)
     fn = attn_peer_fn(peer)
