@@ -329,7 +329,8 @@ def prepare(case: ModelCase, v: Variant, device: torch.device, dtype: torch.dtyp
     elif v.quant in ("ao-int8", "ao-fp8"):
         swap_torchao(model, v.quant[3:])
     elif v.quant is not None:
-        raise ValueError(f"unknown quantization {v.quant!r} in variant {v.name!r}; known: {OURS_QUANT} and ao-int8 / ao-fp8")
+        raise ValueError(f"unknown quantization {v.quant!r} in variant {v.name!r}; "
+                         f"known: {OURS_QUANT} and ao-int8 / ao-fp8")
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -354,6 +355,16 @@ def attention_context(v: Variant, min_tokens: int, device: torch.device) -> Iter
         elif v.sage:
             counter = stack.enter_context(peers.sage_attention(min_tokens))
         yield counter
+
+
+def check_routed(v: Variant, routed: peers.Counter | None) -> int:
+    """The routed attention kernel's calls since its last reset; an error when the variant routes and none ran
+    (a silent fallback to SDPA would be timed as the quantized kernel)."""
+    if routed is None:
+        return 0
+    if routed.calls == 0:
+        raise RuntimeError(f"no attention call was routed to {'SageAttention2' if v.sage else 'the quantized kernel'}")
+    return routed.calls
 
 
 def error_text(exc: BaseException) -> str:
@@ -388,10 +399,7 @@ def measure(case: ModelCase, v: Variant, device: torch.device, dtype: torch.dtyp
             if routed is not None:
                 routed.reset()  # count the routed calls of one forward
             out = model(**x)[0].float()
-            if routed is not None:
-                row.qattn_calls = routed.calls
-                if routed.calls == 0:
-                    raise RuntimeError(f"no attention call was routed to {'SageAttention2' if v.sage else 'the quantized kernel'}")
+            row.qattn_calls = check_routed(v, routed)
         if not torch.isfinite(out).all():
             raise FloatingPointError("output has NaN/inf")
         if timed:
@@ -474,7 +482,8 @@ def run_case(case: ModelCase, variants: list[Variant], device: torch.device, dty
                         if r.variant == name:
                             r.rel_err = err
                 if row.ms is not None:
-                    log(f"  {v.name}: {row.ms:.1f} ms, rel err {'-' if row.rel_err is None else format(row.rel_err, '.4f')}"
+                    err = "-" if row.rel_err is None else format(row.rel_err, ".4f")
+                    log(f"  {v.name}: {row.ms:.1f} ms, rel err {err}"
                         + ("" if row.wall_s is None else f", {row.wall_s:.0f} s in all"))
             rows.append(row)
             fill_speedups(rows)

@@ -136,10 +136,7 @@ def measure_loop(case: ModelCase, v: Variant, device: torch.device, dtype: torch
             row.s_per_video = time.perf_counter() - t
             if device.type == "cuda":
                 row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
-            if routed is not None:
-                row.attn_calls = routed.calls // s.steps
-                if routed.calls == 0:
-                    raise RuntimeError(f"no attention call was routed to {'SageAttention2' if v.sage else 'the quantized kernel'}")
+            row.attn_calls = e2e.check_routed(v, routed) // s.steps
         if not torch.isfinite(out).all():
             raise FloatingPointError("final latents have NaN/inf")
         row.s_per_step = row.s_per_video / s.steps
@@ -203,7 +200,8 @@ def run_loop_case(case: ModelCase, variants: list[Variant], device: torch.device
                 spec = dict(case=case.name, device=str(device), dtype=str(dtype).removeprefix("torch."),
                             variant=asdict(v), settings=asdict(s), min_attn_tokens=min_attn_tokens,
                             compile_backend=compile_backend, out=str(Path(tmp) / f"loop{i:02d}.safetensors"))
-                res = isolate.run_worker("workbench.bench.loop", spec, Path(tmp), f"loop{i:02d}", timeout_s, log, v.name)
+                res = isolate.run_worker("workbench.bench.loop", spec, Path(tmp), f"loop{i:02d}", timeout_s, log,
+                                         v.name)
                 if res.result is None:
                     row.error, row.wall_s = res.error, res.seconds
                 else:
@@ -267,7 +265,8 @@ def main(argv: list[str] | None = None, on_row: Callable[[list[LoopRow]], None] 
         return []
     dry = a.dry_run_cpu
     if not dry and not torch.cuda.is_available():
-        raise SystemExit("the sampling-loop benchmark needs a CUDA GPU; use --dry-run-cpu to check its logic on the CPU")
+        raise SystemExit("the sampling-loop benchmark needs a CUDA GPU; "
+                         "use --dry-run-cpu to check its logic on the CPU")
     device = torch.device("cpu" if dry else "cuda")
     dtype = torch.float32 if dry else torch.bfloat16
     settings = LoopSettings(steps=a.steps, guidance=a.guidance)

@@ -237,9 +237,10 @@ def write_markdown(path: Path, env: dict, tgt: list[dict], micro_md: str | None,
                   "The second table names each model's best peer (its fastest row that is not ours).", "", e2e_md]
     if loop_md:
         lines += ["", f"## End-to-end sampling loop ({loop_title})", "",
-                  "Seconds per video: the transformer (cond + uncond as one batch of 2) and an Euler step per denoising "
-                  "step, after two warm-up steps; text encoder and VAE not counted. Random weights, same seed for every "
-                  "variant; rel. error compares the final latents with the named variant's.", "", loop_md]
+                  "Seconds per video: the transformer (cond + uncond as one batch of 2) and an Euler step per "
+                  "denoising step, after two warm-up steps; text encoder and VAE not counted. Random weights, same "
+                  "seed for every variant; rel. error compares the final latents with the named variant's.", "",
+                  loop_md]
     if micro_md:
         lines += ["", "## Kernels", "", micro_md]
     path.parent.mkdir(parents=True, exist_ok=True)
