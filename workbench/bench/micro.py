@@ -157,13 +157,13 @@ def run_checks(quick: bool) -> None:
     for (h, n, d) in (((2, 45, 32), (1, 40, 16)) if DRY else ((4, 1999, 64), (2, 2100, 128))):
         q, k, v = make_qkv(1, h, n, d, seed=1)
         for pv in ("fp8", "fp16"):
-            for impl in ("tma", "ptr"):
+            for impl in ("tma", "ptr", "auto") if pv == "fp8" else ("tma", "ptr"):  # auto: the Gluon kernel at D=128
                 def _a(pv=pv, impl=impl):
-                    bn = qa_mod.default_block_n(d)
+                    bm, bn = R.default_blocks(d)
                     # only the default variant is autotuned here (the benchmark uses it); others use a fixed config
-                    cfg = None if (impl, pv) == ("tma", "fp8") else {"num_warps": 8, "num_stages": 3}
+                    cfg = None if (impl, pv) in (("tma", "fp8"), ("auto", "fp8")) else {"num_warps": 8, "num_stages": 3}
                     out = qa_mod.quant_attention_triton(q, k, v, pv_dtype=pv, impl=impl, config=cfg)
-                    ref = R.quant_attention_ref(q, k, v, block_m=128, block_n=bn, pv_dtype=pv)
+                    ref = R.quant_attention_ref(q, k, v, block_m=bm, block_n=bn, pv_dtype=pv)
                     sd = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
                     check(f"quant_attention [{impl},{pv}] H={h} N={n} D={d} vs reference", out, ref, 2e-2,
                           f"vs fp32 SDPA {rel_err(out, sd):.2e}")
@@ -547,7 +547,7 @@ def bench_attention(quick: bool, budget: float, models: List[str], peer_timeout_
         def ours(q, k, v):
             return qa_mod.quant_attention_triton(q, k, v)
 
-        time_variant(model, shape, f"ours int8 QK / fp8 PV (block_n={qa_mod.default_block_n(d)})", mk(ours), flops,
+        time_variant(model, shape, f"ours int8 QK / fp8 PV (blocks {qa_mod.default_blocks(d)})", mk(ours), flops,
                      base, rel_of(ours), quick, budget, "incl. K/V quant + stats passes")
         best = qa_mod.last_best_config()
         cfg = None

@@ -231,11 +231,6 @@ def last_best_config() -> Optional[str]:
     return None if cfg is None else str(cfg)
 
 
-def default_block_n(head_dim: int) -> int:
-    """Key block (and K-scale granularity) used by default."""
-    return default_blocks(head_dim)[1]
-
-
 def quant_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: Optional[float] = None,
                            block_m: Optional[int] = None, block_n: Optional[int] = None, pv_dtype: str = "fp8",
                            smooth_k: bool = True, smooth_v: bool = True, *, impl: str = "auto",
