@@ -167,7 +167,8 @@ def cmd_bench(args) -> int:
                       models=args.models, e2e_variants=args.variants, loop_variants=args.loop_variants,
                       loop_steps=args.loop_steps, loop_budget_s=args.loop_budget, variant_timeout_s=args.variant_timeout,
                       in_process=args.in_process, skip_micro=args.skip_micro, skip_e2e=args.skip_e2e,
-                      skip_loop=args.skip_loop, dry_run_cpu=args.dry_run_cpu, force=args.force, append=args.append)
+                      skip_loop=args.skip_loop, dry_run_cpu=args.dry_run_cpu, force=args.force, append=args.append,
+                      gpu_tests_timeout_s=args.gpu_tests_timeout)
     result = run_bench(s)
     for t in result["targets"]:
         print(f"[{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['measured']}")
@@ -311,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extend an existing --out measured on the same GPU (new rows replace same-named ones)")
     p.add_argument("--quick", action="store_true", help="fewer kernel variants")
     p.add_argument("--micro-budget", type=float, default=225.0, help="seconds for the kernel microbenchmarks")
+    p.add_argument("--gpu-tests-timeout", type=float, default=480.0,
+                   help="seconds for the GPU kernel test module (runs with the kernel part)")
     p.add_argument("--e2e-budget", type=float, default=None, help="seconds per end-to-end model")
     p.add_argument("--models", default=None, help="end-to-end cases to run (substrings: CogVideoX, Wan)")
     p.add_argument("--variants", default=None, help="end-to-end variants to run (exact names, comma-separated)")
