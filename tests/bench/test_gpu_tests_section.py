@@ -69,3 +69,12 @@ def test_missing_module_and_skipped_kernel_part_are_reported(monkeypatch, tmp_pa
     assert page.gpu_kernel_tests(page.BenchSettings(dry_run_cpu=True))["status"].startswith("skipped: --dry-run-cpu")
     monkeypatch.undo()
     assert page.GPU_TEST_MODULE.exists()  # this checkout has the module the bench runs
+
+
+def test_an_appended_call_that_skips_the_kernel_part_keeps_the_earlier_result():
+    ran = {"status": "timed out after 60 s"}
+    skipped = page.gpu_kernel_tests(page.BenchSettings(skip_micro=True))
+    assert page.merge_gpu_tests(ran, skipped) is ran
+    assert page.merge_gpu_tests(None, skipped) is skipped
+    again = {"status": "ran", "passed": 3}
+    assert page.merge_gpu_tests(ran, again) is again

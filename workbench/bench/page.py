@@ -81,51 +81,62 @@ def load_previous(json_path: Path, env: dict) -> dict:
     return prev
 
 
-def targets(micro_rows: list[dict], e2e_rows: list[dict]) -> list[dict[str, Any]]:
-    """The issue's four targets, each with the measured value and whether it is met."""
+def targets(micro_rows: list[dict], e2e_rows: list[dict], loop_rows: list[dict] | None = None) -> list[dict[str, Any]]:
+    """Issue 16's targets, each with the measured value and whether it is met: quantized attention >= 1.05x
+    SageAttention2 at no more error, forwards >= 1.4x bf16 torch.compile and faster than the best peer, the same
+    ordering in the sampling loop, W4A8 weights <= 0.3x bf16 at >= 1.0x bf16 compiled."""
     out: list[dict[str, Any]] = []
-    lin = [r for r in micro_rows if r.get("ms") and r.get("method", "").startswith(("ours W8A8", "ours FP8"))
-           and "incl." in r.get("method", "") and not r.get("shape", "").startswith("attn")]
-    by_shape: dict[tuple[str, str], float] = {}
-    for r in lin:
-        k = (r["group"], r["shape"])
-        by_shape[k] = max(by_shape.get(k, 0.0), r["speedup"])
-    if by_shape:
-        worst = min(by_shape.items(), key=lambda kv: kv[1])
-        out.append(dict(target="W8A8/FP8 linears >= 1.6x bf16 cuBLAS, quantization included",
-                        measured="; ".join(f"{g} {s}: {v:.2f}x" for (g, s), v in sorted(by_shape.items())),
-                        met=worst[1] >= 1.6))
-    attn = [r for r in micro_rows if r.get("ms") and r.get("shape", "").startswith("attn") and "17776" in r["shape"]
-            and r.get("method", "").startswith("ours")]
-    if attn:
-        best = max(attn, key=lambda r: r["speedup"])
-        ok_err = best.get("rel_err") is not None and best["rel_err"] <= 0.03
-        out.append(dict(target="quantized attention >= 1.8x SDPA at 17k tokens, rel. error <= 3%",
-                        measured=f"{best['method']}: {best['speedup']:.2f}x, rel. error {best.get('rel_err', float('nan')):.2%}",
-                        met=best["speedup"] >= 1.8 and ok_err))
+    for shape in sorted({r["shape"] for r in micro_rows if str(r.get("shape", "")).startswith("attn")}):
+        rows = [r for r in micro_rows if r.get("shape") == shape and r.get("ms")]
+        sage = next((r for r in rows if r.get("method", "").startswith("SageAttention2")), None)
+        ours = [r for r in rows if r.get("method", "").startswith("ours")]
+        group = next((r.get("group", "") for r in micro_rows if r.get("shape") == shape), "")
+        if not ours:
+            out.append(dict(target=f"{group} {shape}: quantized attention >= 1.05x SageAttention2, error <= its",
+                            measured="ours not measured in this run (see the kernel tables: budget or error)",
+                            met=False))
+            continue
+        b = min(ours, key=lambda r: r["ms"])
+        if sage is None:
+            out.append(dict(target=f"{group} {shape}: quantized attention >= 1.05x SageAttention2, error <= its",
+                            measured=f"{b['method']} {b['ms']:.2f} ms; SageAttention2 not measured in this run",
+                            met=False))
+            continue
+        err_ok = b.get("rel_err") is not None and sage.get("rel_err") is not None and b["rel_err"] <= sage["rel_err"]
+        out.append(dict(target=f"{group} {shape}: quantized attention >= 1.05x SageAttention2, error <= its",
+                        measured=f"{b['method']} {b['ms']:.2f} ms vs {sage['ms']:.2f} ms = {sage['ms'] / b['ms']:.2f}x; "
+                                 f"error {b.get('rel_err', float('nan')):.2%} vs {sage.get('rel_err', float('nan')):.2%}",
+                        met=sage["ms"] / b["ms"] >= 1.05 and err_ok))
     for model in sorted({r["model"] for r in e2e_rows}):
         rows = [r for r in e2e_rows if r["model"] == model and r.get("ms")]
         comp = next((r["ms"] for r in rows if r["variant"] == "bf16 torch.compile"), None)
-        ao = [r for r in rows if r["variant"].startswith("torchao")]
+        peers = [r for r in rows if not r["variant"].startswith("ours")]
         ours = [r for r in rows if r["variant"].startswith("ours")]
         if comp and ours:
             b = min(ours, key=lambda r: r["ms"])
-            ao_best = min(ao, key=lambda r: r["ms"]) if ao else None
+            p = min(peers, key=lambda r: r["ms"]) if peers else None
             txt = f"{b['variant']}: {b['ms']:.1f} ms = {comp / b['ms']:.2f}x bf16 compiled ({comp:.1f} ms)"
-            if ao_best:
-                txt += f"; torchao best {ao_best['variant']} {ao_best['ms']:.1f} ms"
-            out.append(dict(target=f"{model}: end to end >= 1.8x bf16 torch.compile and faster than torchao's best",
-                            measured=txt, met=comp / b["ms"] >= 1.8 and (ao_best is None or b["ms"] < ao_best["ms"])))
-        bf = next((r for r in e2e_rows if r["model"] == model and r["variant"] == "bf16 eager" and r.get("weight_gib")
-                   and r.get("weight_source") == "bytes"), None)
-        w4 = next((r for r in e2e_rows if r["model"] == model and r["variant"].startswith("ours W4A8")
+            if p:
+                txt += f"; best peer {p['variant']} {p['ms']:.1f} ms"
+            out.append(dict(target=f"{model}: forward >= 1.4x bf16 torch.compile and faster than the best peer",
+                            measured=txt, met=comp / b["ms"] >= 1.4 and (p is None or b["ms"] < p["ms"])))
+        bf = next((r for r in e2e_rows if r["model"] == model and r["variant"] in ("bf16 eager", "bf16 torch.compile")
                    and r.get("weight_gib") and r.get("weight_source") == "bytes"), None)
-        if bf and w4:
+        w4 = next((r for r in e2e_rows if r["model"] == model and r["variant"].startswith("ours W4A8")
+                   and r.get("ms") and r.get("weight_gib") and r.get("weight_source") == "bytes"), None)
+        if bf and w4 and comp:
             ratio = w4["weight_gib"] / bf["weight_gib"]
-            out.append(dict(target=f"{model}: W4A8 weight memory <= 0.3x bf16",
-                            measured=f"{w4['weight_gib']:.3f} GiB vs {bf['weight_gib']:.3f} GiB = {ratio:.3f}x "
-                                     "(parameters + buffers of the whole transformer; block linears and AdaLN "
-                                     "modulation int4, embedders bf16)", met=ratio <= 0.3))
+            out.append(dict(target=f"{model}: W4A8 weights <= 0.3x bf16 and forward >= 1.0x bf16 compiled",
+                            measured=f"{w4['variant']}: {w4['weight_gib']:.3f} GiB vs {bf['weight_gib']:.3f} GiB = "
+                                     f"{ratio:.3f}x (whole transformer); {w4['ms']:.1f} ms = {comp / w4['ms']:.2f}x",
+                            met=ratio <= 0.3 and comp / w4["ms"] >= 1.0))
+    for model in sorted({r["model"] for r in loop_rows or []}):
+        rows = [r for r in loop_rows or [] if r["model"] == model and r.get("s_per_video")]
+        if rows:
+            fastest = min(rows, key=lambda r: r["s_per_video"])
+            out.append(dict(target=f"{model}: sampling loop, ours fastest",
+                            measured=f"fastest {fastest['variant']}: {fastest['s_per_video']:.1f} s per video",
+                            met=fastest["variant"].startswith("ours")))
     return out
 
 
@@ -165,7 +176,7 @@ def run_test_module(module: Path, timeout_s: float) -> dict[str, Any]:
             proc = subprocess.run(cmd, cwd=module.parents[2], env=env, capture_output=True, text=True,
                                   timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            return {"status": f"timed out after {timeout_s:.0f} s (raise BenchSettings.gpu_tests_timeout_s)"}
+            return {"status": f"timed out after {timeout_s:.0f} s (raise --gpu-tests-timeout)"}
         if not xml.exists():
             tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
             return {"status": f"pytest exited with code {proc.returncode} before writing results: "
@@ -174,6 +185,14 @@ def run_test_module(module: Path, timeout_s: float) -> dict[str, Any]:
     res.update(status="ran", returncode=proc.returncode, wall_s=time.time() - t0,
                command=f"python -m pytest -q {module.relative_to(module.parents[2])}")
     return res
+
+
+def merge_gpu_tests(prev: dict | None, fresh: dict) -> dict:
+    """An appended page keeps its GPU test result unless this call ran the tests (a run or its time-out replaces
+    it; "not run" / "skipped" does not)."""
+    if prev is None or not str(fresh.get("status", "")).startswith(("not run", "skipped")):
+        return fresh
+    return prev
 
 
 def gpu_kernel_tests(s: BenchSettings) -> dict[str, Any]:
@@ -247,6 +266,31 @@ def write_markdown(path: Path, env: dict, tgt: list[dict], micro_md: str | None,
     path.write_text("\n".join(lines) + "\n")
 
 
+def render(out: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """Write the markdown page and its JSON from a run's results (`data`: a page's JSON, e.g. to re-render a page
+    after the targets changed: `python -m workbench.bench.page PAGE.json --out PAGE.md`); returns the JSON dict."""
+    from workbench.bench import e2e as bench_e2e
+    from workbench.bench import loop as bench_loop
+
+    row_objs = bench_e2e.ordered([bench_e2e.Row(**r) for r in data.get("e2e", [])])
+    bench_e2e.fill_speedups(row_objs)  # rows merged from several calls: speed-ups against this page's baselines
+    rows = [asdict(r) for r in row_objs]
+    loop_objs = bench_e2e.ordered([bench_loop.LoopRow(**r) for r in data.get("loop", [])])
+    bench_loop.fill_speedups(loop_objs)
+    micro_rows, micro_md = data.get("micro", []), data.get("micro_md")
+    tgt = targets(micro_rows, rows, [asdict(r) for r in loop_objs])
+    e2e_md = bench_e2e.markdown(row_objs) + "\n\n" + bench_e2e.best_peer_markdown(row_objs) if rows else None
+    loop_md = bench_loop.markdown(loop_objs) if loop_objs else None
+    steps = sorted({r.steps for r in loop_objs})
+    loop_title = f"{'/'.join(map(str, steps))} steps, classifier-free guidance as batch 2, random weights"
+    parts = data.get("parts", [])
+    write_markdown(out, data["env"], tgt, micro_md, e2e_md, sum(p["wall_s"] for p in parts), parts,
+                   data.get("gpu_tests"), loop_md, loop_title)
+    result = {**data, "targets": tgt, "e2e": rows, "loop": [asdict(r) for r in loop_objs]}
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+    return result
+
+
 def run_bench(s: BenchSettings) -> dict[str, Any]:
     """Run what the settings ask for and write the markdown page; returns the raw results."""
     if not s.dry_run_cpu and not torch.cuda.is_available():
@@ -270,9 +314,7 @@ def run_bench(s: BenchSettings) -> dict[str, Any]:
         e2e_rows, parts = prev.get("e2e", []), prev.get("parts", [])
         loop_rows = prev.get("loop", [])
         gpu_tests = prev.get("gpu_tests")
-    fresh = gpu_kernel_tests(s)  # a run replaces an appended page's result; a reason not to run does not
-    if fresh.get("status") == "ran" or not (gpu_tests and gpu_tests.get("status") == "ran"):
-        gpu_tests = fresh
+    gpu_tests = merge_gpu_tests(gpu_tests, gpu_kernel_tests(s))
     print(f"GPU kernel tests: {gpu_tests_markdown(gpu_tests).splitlines()[0]}", flush=True)
     what = ", ".join(x for x in (None if s.skip_micro else "kernels",
                                  None if s.skip_e2e else f"end to end {s.models or 'all models'}",
@@ -299,24 +341,11 @@ def run_bench(s: BenchSettings) -> dict[str, Any]:
     def write(partial: list[dict] | None = None, loop_partial: list[dict] | None = None) -> dict[str, Any]:
         """Write the page and JSON; called after every part and every variant, so a run cut short by a time
         limit still leaves what it measured."""
-        row_objs = bench_e2e.ordered([bench_e2e.Row(**r) for r in merge_e2e(e2e_rows, partial or [])])
-        bench_e2e.fill_speedups(row_objs)  # rows merged from several calls: speed-ups against this page's baselines
-        rows = [asdict(r) for r in row_objs]
-        merged_loop = merge_e2e(loop_rows, loop_partial or [], "s_per_video")
-        loop_objs = bench_e2e.ordered([bench_loop.LoopRow(**r) for r in merged_loop])
-        bench_loop.fill_speedups(loop_objs)
-        tgt = targets(micro_rows, rows)
-        e2e_md = bench_e2e.markdown(row_objs) + "\n\n" + bench_e2e.best_peer_markdown(row_objs) if rows else None
-        loop_md = bench_loop.markdown(loop_objs) if loop_objs else None
-        steps = sorted({r.steps for r in loop_objs})
-        loop_title = (f"{'/'.join(map(str, steps))} steps, classifier-free guidance as batch 2, random weights")
         part["wall_s"] = time.time() - t0
-        write_markdown(out, env, tgt, micro_md, e2e_md, sum(p["wall_s"] for p in parts), parts, gpu_tests,
-                       loop_md, loop_title)
-        result = {"env": env, "targets": tgt, "gpu_tests": gpu_tests, "micro": micro_rows, "micro_md": micro_md,
-                  "e2e": rows, "loop": [asdict(r) for r in loop_objs], "parts": parts, "settings": asdict(s)}
-        out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
-        return result
+        data = {"env": env, "gpu_tests": gpu_tests, "micro": micro_rows, "micro_md": micro_md,
+                "e2e": merge_e2e(e2e_rows, partial or []), "loop": merge_e2e(loop_rows, loop_partial or [], "s_per_video"),
+                "parts": parts, "settings": asdict(s)}
+        return render(out, data)
 
     from workbench.bench import e2e as bench_e2e
     from workbench.bench import loop as bench_loop
@@ -345,3 +374,14 @@ def run_bench(s: BenchSettings) -> dict[str, Any]:
                 best_peer={name: peer.variant} if peer else None)], "s_per_video")
             result = write()
     return result
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="re-render a `workbench bench` page from its JSON")
+    ap.add_argument("json", help="the page's .json (written beside the .md)")
+    ap.add_argument("--out", required=True, help="markdown page to write (its .json is written beside it)")
+    a = ap.parse_args()
+    render(Path(a.out), json.loads(Path(a.json).read_text()))
+    print(f"wrote {a.out}")
