@@ -595,13 +595,7 @@ def main(argv: list[str] | None = None, on_row: Callable[[list[Row]], None] | No
                    help="tiny configs on the CPU reference path (one variant per mechanism and a crashing worker)")
     p.add_argument("--models", default=None, help="comma-separated substrings of case names to run")
     p.add_argument("--variants", default=None, help="comma-separated exact variant names (default: all)")
-    p.add_argument("--budget", type=float, default=None, help="seconds per model after which variants are skipped")
-    p.add_argument("--variant-timeout", type=float, default=None,
-                   help="seconds one variant's worker may take before it is killed (default 600; 300 in a dry run)")
-    p.add_argument("--in-process", action="store_true",
-                   help="run every variant in this process (no isolation: one crash ends the run)")
-    p.add_argument("--out", default=os.environ.get("OUT"), help="folder for bench_e2e.{md,json}")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one variant, from a spec file
+    isolate.add_run_args(p, "bench_e2e")
     a = p.parse_args(argv)
     if a.worker:
         isolate.worker_main(a.worker, _worker)

@@ -7,6 +7,7 @@ safetensors files, so the parent compares every variant against a reference with
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -115,6 +116,17 @@ def inject_fault(kind: str | None) -> None:
     if kind == "raise":
         raise RuntimeError("injected fault (isolation check)")
     raise ValueError(f"unknown fault {kind!r}; known: exit, hang, raise")
+
+
+def add_run_args(p: "argparse.ArgumentParser", out_name: str) -> None:
+    """The options every isolated benchmark CLI shares: budget, worker timeout, --in-process, --out, --worker."""
+    p.add_argument("--budget", type=float, default=None, help="seconds per model after which variants are skipped")
+    p.add_argument("--variant-timeout", type=float, default=None,
+                   help="seconds one variant's worker may take before it is killed (default 600; 300 in a dry run)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run every variant in this process (no isolation: one crash ends the run)")
+    p.add_argument("--out", default=os.environ.get("OUT"), help=f"folder for {out_name}.{{md,json}}")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one variant, from a spec file
 
 
 def worker_main(spec_path: str, fn: Callable[[dict[str, Any]], dict[str, Any]]) -> None:

@@ -253,12 +253,7 @@ def main(argv: list[str] | None = None, on_row: Callable[[list[LoopRow]], None] 
                         "ours FP8 + qattn and ours W4A8 + qattn, compiled)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps per video (default 50)")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
-    p.add_argument("--budget", type=float, default=None, help="seconds per model after which variants are skipped")
-    p.add_argument("--variant-timeout", type=float, default=None,
-                   help="seconds one variant's worker may take before it is killed (default 600; 300 in a dry run)")
-    p.add_argument("--in-process", action="store_true", help="run every variant in this process (no isolation)")
-    p.add_argument("--out", default=os.environ.get("OUT"), help="folder for bench_loop.{md,json}")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one variant, from a spec file
+    isolate.add_run_args(p, "bench_loop")
     a = p.parse_args(argv)
     if a.worker:
         isolate.worker_main(a.worker, _worker)
