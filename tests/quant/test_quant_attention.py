@@ -178,3 +178,15 @@ def test_unsupported_processor_is_refused():
 
     with pytest.raises(ValueError, match="cannot be quantized"):
         QuantAttnProcessor(Odd(), QuantAttention(AttentionSpec()))
+
+
+def test_chunk_budget_scales_with_free_gpu_memory(monkeypatch):
+    from workbench.quant.attention import chunk_budget
+    assert chunk_budget(None, torch.device("cpu")) == 2**26
+    assert chunk_budget(123, torch.device("cuda")) == 123  # an explicit setting wins, no CUDA call
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * 2**30, 140 * 2**30))
+    assert chunk_budget(None, torch.device("cuda")) == 2**31  # 100 GiB free: capped
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 2**30, 140 * 2**30))
+    assert chunk_budget(None, torch.device("cuda")) == 2**28  # 8 GiB / 32
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**20, 140 * 2**30))
+    assert chunk_budget(None, torch.device("cuda")) == 2**26  # nearly full: never below the CPU's chunk

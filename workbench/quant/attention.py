@@ -67,10 +67,23 @@ class AttentionSpec:
         return {f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to_dict() for f in fields(self)}
 
 
+def chunk_budget(chunk_elements: int | None, device: torch.device) -> int:
+    """Score elements per query chunk: the explicit setting, else 2**26 on the CPU and, on a GPU, a 32nd of its free
+    memory (fp32 scores, fp32 and low-precision P and the softmax's temporaries fit about 16 bytes an element)."""
+    if chunk_elements is not None:
+        return int(chunk_elements)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(min(2**31, max(2**26, free // 32)))
+    return 2**26
+
+
 class QuantAttention(nn.Module):
     """softmax(fq(Q) fq(K)^T * scale + mask) -> fq(P) fq(V), in (B, H, S, D) layout like F.sdpa.
 
-    Queries are processed in chunks so the (B, H, Sq, Sk) score matrix stays below `chunk_elements`.
+    Queries are processed in chunks so the (B, H, Sq, Sk) score matrix stays below `chunk_elements` (None: 2**26 on
+    the CPU; on a GPU a 32nd of its free memory in elements, at most 2**31, since each chunk is a separate matmul
+    and softmax launch: at 32,760 tokens x 12 heads x 16 rows a fixed 2**26 meant 3,276 chunks a call).
     capture: append, per call, the column mean of P over queries, shape (B, H, Sk), to `captured`.
     explicit: compute explicitly even when every quantizer is off (checks the math against SDPA).
     """
@@ -85,7 +98,7 @@ class QuantAttention(nn.Module):
         self.capture = False
         self.captured: list[torch.Tensor] = []
         self.explicit = False
-        self.chunk_elements = 2**26
+        self.chunk_elements: int | None = None
 
     def quantizers(self) -> dict[str, Quantizer]:
         return {n: q for n in ATTENTION_PARTS if (q := getattr(self, f"{n}_quantizer")) is not None}
@@ -117,7 +130,7 @@ class QuantAttention(nn.Module):
         if is_causal:
             causal = torch.ones(s_q, s_k, dtype=torch.bool, device=query.device).tril()
             attn_mask = causal if attn_mask is None else _merge_masks(attn_mask, causal)
-        rows = max(1, self.chunk_elements // max(1, query[..., 0, 0].numel() * s_k))
+        rows = max(1, chunk_budget(self.chunk_elements, query.device) // max(1, query[..., 0, 0].numel() * s_k))
         k_t = k.transpose(-2, -1)
         outs, col_sum = [], None
         for start in range(0, s_q, rows):
