@@ -57,8 +57,7 @@ if HAS_GLUON:
                          stride_qb, stride_qh, stride_qn, stride_qd,
                          stride_ob, stride_oh, stride_on, stride_od,
                          HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                         STAGES: gl.constexpr, SMOOTH_V: gl.constexpr,
-                                                  num_warps: gl.constexpr):
+                         STAGES: gl.constexpr, SMOOTH_V: gl.constexpr, num_warps: gl.constexpr):
         """BLOCK_M queries of one (b, h) against every key block; num_warps // 4 warpgroups of 64 rows."""
         pid_m = gl.program_id(0)
         pid_bh = gl.program_id(1)
