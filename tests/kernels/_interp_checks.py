@@ -363,6 +363,23 @@ for _impl in ("ptr", "tma"):
         check(_mkap())
 
 
+
+@check
+def attn_fa3_refused_off_hopper():
+    """impl='fa3' (the Gluon sm_90 kernel) off a Hopper GPU is a ValueError that names impl='auto'; 'auto' there
+    keeps the Triton kernel (the D=128 default blocks, 64 x 128)."""
+    from workbench.kernels.attention import quant_attention_triton
+    q, k, v = (torch.randn(1, 2, 150, 128, generator=_g(s)) for s in (1, 2, 3))
+    try:
+        quant_attention_triton(q, k, v, impl="fa3")
+    except ValueError as exc:
+        assert "impl='auto'" in str(exc)
+    else:
+        raise AssertionError("impl='fa3' ran without a Hopper GPU")
+    out = quant_attention_triton(q, k, v)
+    ref = R.quant_attention_ref(q, k, v, block_m=64, block_n=128)
+    return float((out - ref).abs().max()), 1e-4
+
 def main(names) -> None:
     """Run the selected checks and print the JSON summary."""
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"

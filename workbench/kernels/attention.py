@@ -254,8 +254,9 @@ def quant_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm
         raise ValueError(f"head_dim must be 16, 32, 64 or 128, got {d}")
     if pv_dtype not in ("fp8", "fp16"):
         raise ValueError("pv_dtype must be 'fp8' or 'fp16'")
-    block_m = default_blocks(d)[0] if block_m is None else block_m
-    block_n = default_blocks(d)[1] if block_n is None else block_n
+    default_m, default_n = default_blocks(d)
+    block_m = default_m if block_m is None else block_m
+    block_n = default_n if block_n is None else block_n
     for name, blk in (("block_m", block_m), ("block_n", block_n)):
         if blk < 16 or blk & (blk - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {blk}")
@@ -302,17 +303,15 @@ def quant_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm
                                 num_warps=4 if block_n * d <= 8192 else 8)
 
     # 3) fused attention
-    if impl == "auto" and d == 128 and block_m == 64 and config is None and not exp_f16x2 and pv_promote:
-        from .attention_sm90 import fa3_supported
-        if fa3_supported(q, d, block_n, pv_fp8):
-            impl = "fa3"
-    if impl == "fa3":
+    if impl in ("auto", "fa3"):
         from .attention_sm90 import fa3_supported, launch_fa3
-        if not fa3_supported(q, d, block_n, pv_fp8) or block_m != 64:
+        gluon_ok = not exp_f16x2 and pv_promote and fa3_supported(q, d, block_m, block_n, pv_fp8)
+        if impl == "fa3" and not gluon_ok:
             raise ValueError("impl='fa3' needs a Hopper GPU, Gluon (Triton >= 3.5), pv_dtype='fp8', head_dim 64 or "
-                             "128, block_m 64 and block_n 64 or 128; use impl='auto'")
-        launch_fa3(q, k8, ks, vt, vs, vm, out, h, nk, nk_pad, nkb, scale * LOG2E, block_m, block_n, smooth_v)
-        return out
+                             "128, block_m 64, block_n 64 or 128, pv_promote and no exp_f16x2; use impl='auto'")
+        if impl == "fa3" or (gluon_ok and d == 128 and config is None):
+            launch_fa3(q, k8, ks, vt, vs, vm, out, h, nk, nk_pad, nkb, scale * LOG2E, block_m, block_n, smooth_v)
+            return out
     if impl == "auto":
         impl = "tma" if is_hopper_or_newer(dev) and tma_ok(k8, vt) else "ptr"
     if impl == "tma":

@@ -172,9 +172,10 @@ if HAS_GLUON:
                  out.to(o_ptr.dtype.element_ty), mask=(om < NQ)[:, None])
 
 
-def fa3_supported(q: torch.Tensor, head_dim: int, block_n: int, pv_fp8: bool) -> bool:
-    """True where the Gluon sm_90 loop applies: Hopper, fp8 P.V, D in {64, 128}, an int8 wgmma N for BLOCK_N."""
-    if not HAS_GLUON or not q.is_cuda or not pv_fp8:
+def fa3_supported(q: torch.Tensor, head_dim: int, block_m: int, block_n: int, pv_fp8: bool) -> bool:
+    """True where the Gluon sm_90 loop applies: Hopper, fp8 P.V, D in {64, 128}, one warpgroup of 64 query rows,
+    an int8 wgmma N for BLOCK_N."""
+    if not HAS_GLUON or not q.is_cuda or not pv_fp8 or block_m != 64:
         return False
     if torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
