@@ -380,6 +380,41 @@ def attn_fa3_refused_off_hopper():
     ref = R.quant_attention_ref(q, k, v, block_m=64, block_n=128)
     return float((out - ref).abs().max()), 1e-4
 
+@check
+def attn_kv_quant_permuted_v_and_rounding_bias():
+    """The K/V pass with PERMUTE_V (the Gluon kernel's V^T) writes exactly the unpermuted V^T's codes, each token
+    at `attention_sm90.v_column` of its index, and both passes' per-block rounding-error sums add up to
+    `reference.v_rounding_bias` (x nk)."""
+    from workbench.kernels.attention import _kv_quant_kernel
+    from workbench.kernels.attention_sm90 import v_column
+    bh, nk, d, bn = 2, 150, 64, 64
+    nkb = -(-nk // bn)
+    k = torch.randn(1, bh, nk, d, generator=_g(4))
+    v = torch.randn(1, bh, nk, d, generator=_g(5)) + 0.3
+    km, vm = k.mean(2)[0].contiguous(), v.mean(2)[0].contiguous()
+    vamax = (v[0] - vm[:, None]).abs().amax(1).clamp_min(R.EPS)
+    vinv, vs = R._div(R.FP8_MAX, vamax).contiguous(), R._sdiv(vamax, R.FP8_MAX).contiguous()
+    outs = []
+    for perm in (False, True):
+        k8 = torch.zeros(bh * nkb * bn, d, dtype=torch.int8)
+        ks = torch.zeros(bh, nkb)
+        vt = torch.zeros(bh * d, nkb * bn, dtype=torch.float8_e4m3fn)
+        vb = torch.zeros(bh, nkb, d)
+        _kv_quant_kernel[(nkb, bh)](k, v, km, vm, vinv, vs, k8, ks, vt, vb, bh, nk, nkb * bn, nkb, *k.stride(),
+                                    *v.stride(), HEAD_DIM=d, BLOCK_N=bn, SMOOTH_K=True, SMOOTH_V=True, PV_FP8=True,
+                                    EMULATE_FP8=True, PERMUTE_V=perm, num_warps=4)
+        outs.append((vt.float(), vb))
+    (vt0, vb0), (vt1, vb1) = outs
+    cols = v_column(torch.arange(nkb * bn))
+    assert sorted(cols.tolist()) == list(range(nkb * bn)), "v_column is not a permutation"
+    assert torch.equal(vt1[:, cols], vt0), "PERMUTE_V moved codes elsewhere than v_column"
+    vc = v[0] - vm[:, None]
+    v8 = vt0.view(bh, d, -1)[:, :, :nk].transpose(1, 2)
+    want = R.v_rounding_bias(vc[None], v8[None], vs[None, :, None, :])[0, :, 0] * nk    # [BH, D]
+    assert torch.equal(vb0, vb1)
+    return float((vb0.sum(1) - want).abs().max()), 1e-4
+
+
 def main(names) -> None:
     """Run the selected checks and print the JSON summary."""
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"

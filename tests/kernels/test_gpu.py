@@ -252,7 +252,7 @@ def test_w4a8(shape, group, act):
 @pytest.mark.parametrize("n,d", [(17776, 64), (32760, 128)], ids=["cogvideox_d64", "wan_d128"])
 def test_quant_attention(n, d, impl, pv):
     """Quantized attention at the production token counts and head dims (2 heads each), bf16 in / out, strided
-    [B, N, H, D] views, default blocks (`reference.default_blocks`: 128 x 128 at D=64, 64 x 128 at D=128; ragged
+    [B, N, H, D] views, default blocks (`reference.default_blocks`: 64 x 128; ragged
     last key block); "fa3" is the Gluon sm_90 kernel (64-query blocks, fp8 P.V only).
 
     Inputs are on a 1/8 grid (`_tolerances.dyadic_qkv`), so channel sums are exact and the codes of K and V

@@ -207,6 +207,32 @@ def test_k_smoothing_improves_quantized_attention():
     assert on < off
 
 
+def test_v_rounding_bias_makes_quantized_v_channel_means_exact():
+    g = _gen(14)
+    vc = torch.randn(1, 2, 300, 64, generator=g)
+    vamax = vc.abs().amax(2, keepdim=True)
+    v8 = (vc * R._div(R.FP8_MAX, vamax)).to(R.FP8_DTYPE).float()
+    vs = R._sdiv(vamax, R.FP8_MAX)
+    bias = R.v_rounding_bias(vc, v8, vs)
+    assert bias.shape == (1, 2, 1, 64) and bias.abs().max() > 0
+    assert torch.allclose((v8 * vs).mean(2, keepdim=True) + bias, vc.mean(2, keepdim=True), atol=1e-6)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_v_rounding_bias_lowers_quantized_attention_error(d, monkeypatch):
+    """Zero-mean V, long sequence (near-uniform attention): the shared shift that V's rounding errors give every
+    output row dominates the error unless it is added back (measured 4.3% -> 3.5% at 17,776 tokens on an H200)."""
+    g = _gen(15 + d)
+    q = torch.randn(1, 2, 64, d, generator=g).bfloat16()
+    k = (torch.randn(1, 2, 4096, d, generator=g) + 3 * torch.randn(d, generator=g)).bfloat16()
+    v = torch.randn(1, 2, 4096, d, generator=g).bfloat16()
+    ref = R.sdpa_ref(q, k, v)
+    with_bias = R.rel_error(R.quant_attention_ref(q, k, v, block_m=64, block_n=128), ref)
+    monkeypatch.setattr(R, "v_rounding_bias", lambda vc, v8, vs: torch.zeros_like(vc[:, :, :1]))
+    without = R.rel_error(R.quant_attention_ref(q, k, v, block_m=64, block_n=128), ref)
+    assert with_bias < 0.9 * without, (with_bias, without)
+
+
 def test_quant_attention_ref_key_block_size_only_changes_quantization_noise():
     q, k, v = _qkv(1, 1, 64, 32, 13, nk=96)
     a = R.quant_attention_ref(q.float(), k.float(), v.float(), block_m=64, block_n=32, pv_dtype="fp16")

@@ -66,12 +66,17 @@ def _kv_stats_kernel(k_ptr, v_ptr, ksum_ptr, vsum_ptr, vmin_ptr, vmax_ptr,
 
 
 @triton.jit
-def _kv_quant_kernel(k_ptr, v_ptr, km_ptr, vm_ptr, vinv_ptr, k8_ptr, ks_ptr, vt_ptr,
+def _kv_quant_kernel(k_ptr, v_ptr, km_ptr, vm_ptr, vinv_ptr, vs_ptr, k8_ptr, ks_ptr, vt_ptr, vb_ptr,
                      H, NK, NK_PAD, NKB,
                      skb, skh, skn, skd, svb, svh, svn, svd,
                      HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SMOOTH_K: tl.constexpr,
-                     SMOOTH_V: tl.constexpr, PV_FP8: tl.constexpr, EMULATE_FP8: tl.constexpr):
-    """Smooth + int8-quantize one K block (per-block scale) and quantize + transpose one V block."""
+                     SMOOTH_V: tl.constexpr, PV_FP8: tl.constexpr, EMULATE_FP8: tl.constexpr,
+                     PERMUTE_V: tl.constexpr):
+    """Smooth + int8-quantize one K block (per-block scale), quantize + transpose one V block and write the
+    block's per-channel sum of V's rounding error (reference.v_rounding_bias, summed over blocks on the host).
+
+    PERMUTE_V: store token n of each 32-token group at column `attention_sm90.v_column(n)`, the order in which
+    the Gluon kernel's P registers already sit as a wgmma A operand (no shuffles of P before P.V)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -97,10 +102,17 @@ def _kv_quant_kernel(k_ptr, v_ptr, km_ptr, vm_ptr, vinv_ptr, k8_ptr, ks_ptr, vt_
     v = tl.where(valid, v, 0.0)
     if PV_FP8:
         v8 = to_fp8_e4m3(v * tl.load(vinv_ptr + pid_bh * HEAD_DIM + offs_d)[None, :], EMULATE_FP8)
+        deq = v8.to(tl.float32) * tl.load(vs_ptr + pid_bh * HEAD_DIM + offs_d)[None, :]
     else:
         v8 = v.to(tl.float16)
+        deq = v8.to(tl.float32)
+    tl.store(vb_ptr + (pid_bh * NKB + pid_n) * HEAD_DIM + offs_d, tl.sum(v - deq, axis=0))
     vrow = pid_bh.to(tl.int64) * HEAD_DIM + offs_d
-    tl.store(vt_ptr + vrow[None, :] * NK_PAD + tok[:, None], v8)
+    col = tok
+    if PERMUTE_V:
+        r = offs_n % 32
+        col = (offs_n - r + 16 * (r // 16) + 4 * ((r % 8) // 2) + 2 * ((r // 8) % 2) + r % 2).to(tl.int64)
+    tl.store(vt_ptr + vrow[None, :] * NK_PAD + col[:, None], v8)
 
 
 @triton.jit
@@ -156,7 +168,7 @@ def _sage_attn_kernel(q_ptr, k_src, ks_ptr, v_src, vs_ptr, vm_ptr, o_ptr,
                       stride_ob, stride_oh, stride_on, stride_od,
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       USE_TMA: tl.constexpr, PV_FP8: tl.constexpr, PV_PROMOTE: tl.constexpr,
-                      SMOOTH_V: tl.constexpr, EXP_F16X2: tl.constexpr, EMULATE_FP8: tl.constexpr):
+                      EXP_F16X2: tl.constexpr, EMULATE_FP8: tl.constexpr):
     """Fused quantized attention for BLOCK_M queries of one (b, h)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -210,8 +222,7 @@ def _sage_attn_kernel(q_ptr, k_src, ks_ptr, v_src, vs_ptr, vm_ptr, o_ptr,
     out = acc / l_i[:, None]
     if PV_FP8:
         out = out * tl.load(vs_ptr + pid_bh * HEAD_DIM + offs_d)[None, :]
-    if SMOOTH_V:
-        out = out + tl.load(vm_ptr + pid_bh * HEAD_DIM + offs_d)[None, :]
+    out = out + tl.load(vm_ptr + pid_bh * HEAD_DIM + offs_d)[None, :]    # V mean (if smoothed) + rounding bias
     tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_on
              + offs_d[None, :] * stride_od, out.to(o_ptr.dtype.element_ty), mask=row_ok)
 
@@ -221,7 +232,7 @@ def _sage_attn_kernel(q_ptr, k_src, ks_ptr, v_src, vs_ptr, vm_ptr, o_ptr,
 ATTN_CONFIGS = [(4, 3), (8, 2), (8, 3), (8, 4)]
 _attn_tuned = triton.autotune(
     configs=[triton.Config({}, num_warps=w, num_stages=s) for w, s in ATTN_CONFIGS],
-    key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "USE_TMA", "PV_FP8", "PV_PROMOTE", "EXP_F16X2", "SMOOTH_V"],
+    key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "USE_TMA", "PV_FP8", "PV_PROMOTE", "EXP_F16X2"],
     do_bench=fast_bench)(_sage_attn_kernel)
 
 
@@ -285,11 +296,20 @@ def quant_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm
     nk_t = torch.full((1, 1), float(nk), device=dev)
     km = torch.div(part[0].sum(1), nk_t).contiguous()
     vm = torch.div(part[1].sum(1), nk_t) if smooth_v else torch.zeros((bh, d), device=dev)
-    vm = vm.contiguous()
     vmin, vmax = part[2].amin(1), part[3].amax(1)
     vamax = torch.maximum(vmax - vm, vm - vmin).clamp_min(EPS)
     vinv = _div(FP8_MAX, vamax).contiguous()
     vs = _sdiv(vamax, FP8_MAX).contiguous()
+
+    # the Gluon sm_90 kernel (attention_sm90.py) or the Triton kernel below
+    use_fa3 = False
+    if impl in ("auto", "fa3"):
+        from .attention_sm90 import FA3_AUTO_HEAD_DIMS, fa3_supported, launch_fa3
+        gluon_ok = not exp_f16x2 and pv_promote and fa3_supported(q, d, block_m, block_n, pv_fp8)
+        if impl == "fa3" and not gluon_ok:
+            raise ValueError("impl='fa3' needs a Hopper GPU, Gluon (Triton >= 3.5), pv_dtype='fp8', head_dim 64 or "
+                             "128, block_m 64, block_n 64 or 128, pv_promote and no exp_f16x2; use impl='auto'")
+        use_fa3 = impl == "fa3" or (gluon_ok and d in FA3_AUTO_HEAD_DIMS and config is None)
 
     # 2) K int8 per block (smoothed), V^T e4m3 per channel (or fp16), padded to BLOCK_N
     nkb = triton.cdiv(nk, block_n)
@@ -297,21 +317,18 @@ def quant_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm
     k8 = torch.empty((bh * nk_pad, d), device=dev, dtype=torch.int8)
     ks = torch.empty((bh, nkb), device=dev, dtype=torch.float32)
     vt = torch.empty((bh * d, nk_pad), device=dev, dtype=torch.float8_e4m3fn if pv_fp8 else torch.float16)
-    _kv_quant_kernel[(nkb, bh)](k, v, km, vm, vinv, k8, ks, vt, h, nk, nk_pad, nkb,
+    vb = torch.empty((bh, nkb, d), device=dev, dtype=torch.float32)
+    vm = vm.contiguous()
+    _kv_quant_kernel[(nkb, bh)](k, v, km, vm, vinv, vs, k8, ks, vt, vb, h, nk, nk_pad, nkb,
                                 *k.stride(), *v.stride(), HEAD_DIM=d, BLOCK_N=block_n,
                                 SMOOTH_K=smooth_k, SMOOTH_V=smooth_v, PV_FP8=pv_fp8, EMULATE_FP8=emulate,
-                                num_warps=4 if block_n * d <= 8192 else 8)
+                                PERMUTE_V=use_fa3, num_warps=4 if block_n * d <= 8192 else 8)
+    vm = (vm + torch.div(vb.sum(1), nk_t)).contiguous()    # the epilogue adds V's mean and its rounding bias
 
     # 3) fused attention
-    if impl in ("auto", "fa3"):
-        from .attention_sm90 import fa3_supported, launch_fa3
-        gluon_ok = not exp_f16x2 and pv_promote and fa3_supported(q, d, block_m, block_n, pv_fp8)
-        if impl == "fa3" and not gluon_ok:
-            raise ValueError("impl='fa3' needs a Hopper GPU, Gluon (Triton >= 3.5), pv_dtype='fp8', head_dim 64 or "
-                             "128, block_m 64, block_n 64 or 128, pv_promote and no exp_f16x2; use impl='auto'")
-        if impl == "fa3" or (gluon_ok and d == 128 and config is None):
-            launch_fa3(q, k8, ks, vt, vs, vm, out, h, nk, nk_pad, nkb, scale * LOG2E, block_m, block_n, smooth_v)
-            return out
+    if use_fa3:
+        launch_fa3(q, k8, ks, vt, vs, vm, out, h, nk, nk_pad, nkb, scale * LOG2E, block_m, block_n)
+        return out
     if impl == "auto":
         impl = "tma" if is_hopper_or_newer(dev) and tma_ok(k8, vt) else "ptr"
     if impl == "tma":
@@ -325,7 +342,7 @@ def quant_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm
     args = (q, k_src, ks, v_src, vs, vm, out, h, nq, nk, nk_pad, nkb, scale * LOG2E,
             *q.stride(), *out.stride())
     flags = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=impl == "tma", PV_FP8=pv_fp8,
-                 PV_PROMOTE=pv_promote and pv_fp8, SMOOTH_V=smooth_v, EXP_F16X2=exp_f16x2, EMULATE_FP8=emulate)
+                 PV_PROMOTE=pv_promote and pv_fp8, EXP_F16X2=exp_f16x2, EMULATE_FP8=emulate)
     if config is None and not interpreting():
         _attn_tuned[grid](*args, **flags)
     else:

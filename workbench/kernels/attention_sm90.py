@@ -1,19 +1,23 @@
 """Hopper (sm_90) main loop of the quantized attention, written in Gluon for explicit wgmma scheduling.
 
-Same math as `attention._sage_attn_kernel` (semantics: `reference.quant_attention_ref`), scheduled like
-FlashAttention-3's intra-warpgroup overlap, which Triton's pipeliner does not produce (it waits for a Q.K^T
-wgmma right after issuing it when the scores feed the softmax). Per key block j, in one warpgroup of 64 rows:
+Same math as `attention._sage_attn_kernel` (semantics: `reference.quant_attention_ref`), one warpgroup per
+64 query rows. Two schedules (`FA3_SCHEDULE`):
 
-    issue S[j+1] = Q8 K8[j+1]^T (async)  ->  softmax of S[j] on the CUDA cores while the tensor cores run
-    ->  fold P[j-1] V[j-1] into the fp32 accumulator  ->  P[j] V[j] (fp8 wgmma from zero; retires S[j+1])
+* in order (the default): per key block, S = Q8 K8^T (int8 wgmma), its softmax, P V (fp8 wgmma), each waited
+  at once, like SageAttention2. Few live registers (128 at D=64, 167 at D=128), so four / three CTAs share an
+  SM and hide each other's latencies; K and V^T slots are refilled by TMA as soon as their wgmma returned.
+* overlapped (FlashAttention-3's intra-warpgroup order, which Triton's pipeliner does not produce): issue
+  S[j+1] asynchronously, run the softmax of S[j] under it, fold P[j-1] V[j-1] in, then P[j] V[j]. Faster per
+  CTA but 238-255 registers, i.e. two CTAs per SM: slower overall on an H200 (NOTES.md).
 
-K and V^T tiles arrive by TMA into a ring of STAGES slots, each refilled as soon as the wgmma reading it
-has completed. P.V starts from zero each key block and is added to the fp32 accumulator on the CUDA cores
-(SageAttention2's two-level accumulation: Hopper's fp8 wgmma accumulates with reduced precision).
-Measured on an H200 (docs/benchmarks.md, workbench/kernels/NOTES.md): faster than the Triton kernel at
-head_dim 128 with 128-key blocks and 64-query CTAs (two CTAs per SM), no faster at head_dim 64.
+V^T comes with its tokens permuted inside every 32-token group (`v_column`), so that P, still in the Q.K^T
+accumulator's registers, is already wgmma's A operand for P.V (no shuffles; SageAttention2 does the same).
+P.V starts from zero each key block and is added to the fp32 accumulator on the CUDA cores (SageAttention2's
+two-level accumulation: Hopper's fp8 wgmma accumulates with reduced precision).
 """
 from __future__ import annotations
+
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -26,6 +30,23 @@ try:  # Gluon ships with Triton >= 3.5; the CPU reference path needs none of thi
     HAS_GLUON = True
 except Exception:  # pragma: no cover - depends on the installed Triton
     HAS_GLUON = False
+
+
+# head dims at which impl="auto" takes this kernel on sm_90 (measured faster than the Triton kernel there)
+FA3_AUTO_HEAD_DIMS = (64, 128)
+# per head dim: TMA ring depth, FlashAttention-3 overlap or in-order wgmmas, register cap. Measured on an H200
+# (NOTES.md): in order with a 2-slot ring, 128 registers at D=64 (four CTAs per SM) and 167 at D=128 (three),
+# beat the overlapped schedule (238 / 255 registers, two CTAs per SM) by 13% and 3%.
+FA3_SCHEDULE: Dict[int, Dict[str, Any]] = {64: dict(stages=2, overlap=False, maxnreg=None),
+                                           128: dict(stages=2, overlap=False, maxnreg=None)}
+
+
+def v_column(n: torch.Tensor) -> torch.Tensor:
+    """Column of token n in the permuted V^T: inside each 32-token group, token 8b + 2c + e (b < 4, c < 4, e < 2)
+    goes to 16 (b // 2) + 4c + 2 (b % 2) + e, the k index that P's accumulator register holding that token has
+    in the fp8 wgmma A-operand layout (attention._kv_quant_kernel, PERMUTE_V)."""
+    r = n % 32
+    return n - r + 16 * (r // 16) + 4 * ((r % 8) // 2) + 2 * ((r // 8) % 2) + r % 2
 
 
 if HAS_GLUON:
@@ -47,9 +68,39 @@ if HAS_GLUON:
 
     @gluon.jit
     def _pv_block(p, v_view, zero_o, p_layout: gl.constexpr):
-        """P V of one key block from zero: P rounded to e4m3 and moved into wgmma's A-operand registers."""
-        p8 = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
+        """P V of one key block from zero: P rounded to e4m3 and, in the token order of the permuted V^T
+        (`v_column`), read as wgmma's A operand where it sits: the layout conversion is register renaming."""
+        BM: gl.constexpr = p.shape[0]
+        BN: gl.constexpr = p.shape[1]
+        p8 = p.to(gl.float8e4nv)
+        p8 = gl.reshape(p8, [BM, BN // 32, 2, 2, 4, 2])
+        p8 = gl.permute(p8, [0, 1, 2, 4, 3, 5])
+        p8 = gl.reshape(p8, [BM, BN])
+        p8 = gl.convert_layout(p8, p_layout)
         return warpgroup_mma(p8, v_view, zero_o, use_acc=False)
+
+    @gluon.jit
+    def _sync_step(j, q_smem, k_smem, v_smem, kbar, vbar, k_desc, v_desc, kv_row0, v_row0, NKB, acc, l_i, m_i, c,
+                   offs_n, n_valid, zero_s, zero_o, p_layout: gl.constexpr, o_layout: gl.constexpr,
+                   STAGES: gl.constexpr, BLOCK_N: gl.constexpr, MASK: gl.constexpr):
+        """One key block in order (S, softmax, P V), refilling its K and V slots as soon as each is read."""
+        slot = j % STAGES
+        phase = (j // STAGES) & 1
+        nxt = j + STAGES
+        mbarrier.wait(kbar.index(slot), phase)
+        s = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), zero_s, use_acc=False)
+        mbarrier.expect(kbar.index(slot), k_desc.block_type.nbytes, pred=nxt < NKB)
+        tma.async_copy_global_to_shared(k_desc, [kv_row0 + nxt * BLOCK_N, 0], kbar.index(slot), k_smem.index(slot),
+                                        pred=nxt < NKB)
+        p, m_i, alpha = _softmax_block(s, m_i, c, offs_n, n_valid, MASK)
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        mbarrier.wait(vbar.index(slot), phase)
+        pv = _pv_block(p, v_smem.index(slot).permute((1, 0)), zero_o, p_layout)
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None] + pv
+        mbarrier.expect(vbar.index(slot), v_desc.block_type.nbytes, pred=nxt < NKB)
+        tma.async_copy_global_to_shared(v_desc, [v_row0, nxt * BLOCK_N], vbar.index(slot), v_smem.index(slot),
+                                        pred=nxt < NKB)
+        return acc, l_i, m_i
 
     @gluon.jit
     def _fa3_attn_kernel(q_ptr, k_desc, ks_ptr, v_desc, vs_ptr, vm_ptr, o_ptr,
@@ -57,8 +108,11 @@ if HAS_GLUON:
                          stride_qb, stride_qh, stride_qn, stride_qd,
                          stride_ob, stride_oh, stride_on, stride_od,
                          HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                         STAGES: gl.constexpr, SMOOTH_V: gl.constexpr, num_warps: gl.constexpr):
-        """BLOCK_M queries of one (b, h) against every key block; num_warps // 4 warpgroups of 64 rows."""
+                         STAGES: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr):
+        """BLOCK_M queries of one (b, h) against every key block; num_warps // 4 warpgroups of 64 rows.
+
+        OVERLAP: Q.K^T of the next key block runs under this block's softmax (FlashAttention-3's order), else
+        every wgmma is waited at once (fewer registers, so more CTAs per SM can hide the latency instead)."""
         pid_m = gl.program_id(0)
         pid_bh = gl.program_id(1)
         b = (pid_bh // H).to(gl.int64)
@@ -109,65 +163,79 @@ if HAS_GLUON:
         acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
         zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, s_layout)
         zero_o = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-        pv = zero_o                                   # P V of the previous block, folded in one block late
-        alpha_prev = gl.full([BLOCK_M], 1.0, gl.float32, gl.SliceLayout(1, o_layout))
         offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         ks_base = ks_ptr + pid_bh * NKB
 
-        # --- prologue: S[0]
-        mbarrier.wait(kbar.index(0), 0)
-        s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False)
-        nxt = STAGES < NKB
-        mbarrier.expect(kbar.index(0), k_desc.block_type.nbytes, pred=nxt)
-        tma.async_copy_global_to_shared(k_desc, [kv_row0 + STAGES * BLOCK_N, 0], kbar.index(0), k_smem.index(0),
-                                        pred=nxt)
+        if OVERLAP:
+            pv = zero_o                                   # P V of the previous block, folded in one block late
+            alpha_prev = gl.full([BLOCK_M], 1.0, gl.float32, gl.SliceLayout(1, o_layout))
+            ks_cur = gl.load(ks_base)
+            # --- prologue: S[0]
+            mbarrier.wait(kbar.index(0), 0)
+            s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False)
+            nxt = STAGES < NKB
+            mbarrier.expect(kbar.index(0), k_desc.block_type.nbytes, pred=nxt)
+            tma.async_copy_global_to_shared(k_desc, [kv_row0 + STAGES * BLOCK_N, 0], kbar.index(0), k_smem.index(0),
+                                            pred=nxt)
 
-        for j in range(0, NKB - 1):
-            # Q.K^T of block j+1 on the tensor cores ...
-            ks_slot = (j + 1) % STAGES
-            mbarrier.wait(kbar.index(ks_slot), ((j + 1) // STAGES) & 1)
-            s_next = warpgroup_mma(q_smem, k_smem.index(ks_slot).permute((1, 0)), zero_s, use_acc=False,
-                                   is_async=True)
-            # ... while the softmax of block j runs on the CUDA cores
-            p, m_i, alpha = _softmax_block(s, m_i, c_q * gl.load(ks_base + j), offs_n, BLOCK_N, False)
+            for j in range(0, NKB - 1):
+                ks_nxt = gl.load(ks_base + j + 1)       # K scale of block j+1, loaded one block ahead
+                # Q.K^T of block j+1 on the tensor cores ...
+                ks_slot = (j + 1) % STAGES
+                mbarrier.wait(kbar.index(ks_slot), ((j + 1) // STAGES) & 1)
+                s_next = warpgroup_mma(q_smem, k_smem.index(ks_slot).permute((1, 0)), zero_s, use_acc=False,
+                                       is_async=True)
+                # ... while the softmax of block j runs on the CUDA cores
+                p, m_i, alpha = _softmax_block(s, m_i, c_q * ks_cur, offs_n, BLOCK_N, False)
+                ks_cur = ks_nxt
+                l_i = l_i * alpha + gl.sum(p, axis=1)
+                # fold in the previous block's P V while S[j+1] still runs
+                acc = acc * alpha_prev[:, None] + pv
+                vs_slot = j % STAGES
+                mbarrier.wait(vbar.index(vs_slot), (j // STAGES) & 1)
+                pv = _pv_block(p, v_smem.index(vs_slot).permute((1, 0)), zero_o, p_layout)   # retires S[j+1] too
+                alpha_prev = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
+                s = warpgroup_mma_wait(0, deps=(s_next,))
+                # both slots are free: V[j]'s takes block j+STAGES, K[j+1]'s block j+1+STAGES
+                v_blk = j + STAGES
+                k_blk = j + 1 + STAGES
+                mbarrier.expect(vbar.index(vs_slot), v_desc.block_type.nbytes, pred=v_blk < NKB)
+                mbarrier.expect(kbar.index(ks_slot), k_desc.block_type.nbytes, pred=k_blk < NKB)
+                tma.async_copy_global_to_shared(v_desc, [v_row0, v_blk * BLOCK_N], vbar.index(vs_slot),
+                                                v_smem.index(vs_slot), pred=v_blk < NKB)
+                tma.async_copy_global_to_shared(k_desc, [kv_row0 + k_blk * BLOCK_N, 0], kbar.index(ks_slot),
+                                                k_smem.index(ks_slot), pred=k_blk < NKB)
+
+            # --- last key block (ragged: padded keys are masked)
+            last = NKB - 1
+            p, m_i, alpha = _softmax_block(s, m_i, c_q * ks_cur, offs_n, NK - last * BLOCK_N, True)
             l_i = l_i * alpha + gl.sum(p, axis=1)
-            # fold in the previous block's P V while S[j+1] still runs
             acc = acc * alpha_prev[:, None] + pv
-            vs_slot = j % STAGES
-            mbarrier.wait(vbar.index(vs_slot), (j // STAGES) & 1)
-            pv = _pv_block(p, v_smem.index(vs_slot).permute((1, 0)), zero_o, p_layout)   # retires S[j+1] too
-            alpha_prev = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
-            s = warpgroup_mma_wait(0, deps=(s_next,))
-            # both slots are free: V[j]'s takes block j+STAGES, K[j+1]'s block j+1+STAGES
-            v_blk = j + STAGES
-            mbarrier.expect(vbar.index(vs_slot), v_desc.block_type.nbytes, pred=v_blk < NKB)
-            tma.async_copy_global_to_shared(v_desc, [v_row0, v_blk * BLOCK_N], vbar.index(vs_slot),
-                                            v_smem.index(vs_slot), pred=v_blk < NKB)
-            k_blk = j + 1 + STAGES
-            mbarrier.expect(kbar.index(ks_slot), k_desc.block_type.nbytes, pred=k_blk < NKB)
-            tma.async_copy_global_to_shared(k_desc, [kv_row0 + k_blk * BLOCK_N, 0], kbar.index(ks_slot),
-                                            k_smem.index(ks_slot), pred=k_blk < NKB)
-
-        # --- last key block (ragged: padded keys are masked)
-        last = NKB - 1
-        p, m_i, alpha = _softmax_block(s, m_i, c_q * gl.load(ks_base + last), offs_n, NK - last * BLOCK_N, True)
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        acc = acc * alpha_prev[:, None] + pv
-        vs_slot = last % STAGES
-        mbarrier.wait(vbar.index(vs_slot), (last // STAGES) & 1)
-        pv = _pv_block(p, v_smem.index(vs_slot).permute((1, 0)), zero_o, p_layout)
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None] + pv
+            vs_slot = last % STAGES
+            mbarrier.wait(vbar.index(vs_slot), (last // STAGES) & 1)
+            pv = _pv_block(p, v_smem.index(vs_slot).permute((1, 0)), zero_o, p_layout)
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None] + pv
+        else:
+            # SageAttention2's order: S[j], its softmax, P[j] V[j], each wgmma waited at once; the latency is
+            # hidden by more CTAs per SM (fewer live registers: no second score block, no deferred P V)
+            for j in range(0, NKB - 1):
+                acc, l_i, m_i = _sync_step(j, q_smem, k_smem, v_smem, kbar, vbar, k_desc, v_desc, kv_row0, v_row0,
+                                           NKB, acc, l_i, m_i, c_q * gl.load(ks_base + j), offs_n, BLOCK_N,
+                                           zero_s, zero_o, p_layout, o_layout, STAGES, BLOCK_N, False)
+            acc, l_i, m_i = _sync_step(NKB - 1, q_smem, k_smem, v_smem, kbar, vbar, k_desc, v_desc, kv_row0,
+                                       v_row0, NKB, acc, l_i, m_i, c_q * gl.load(ks_base + NKB - 1), offs_n,
+                                       NK - (NKB - 1) * BLOCK_N, zero_s, zero_o, p_layout, o_layout, STAGES,
+                                       BLOCK_N, True)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(kbar.index(i))
             mbarrier.invalidate(vbar.index(i))
 
-        # --- epilogue: O = acc / l * v_scale + mean(V)
+        # --- epilogue: O = acc / l * v_scale + V mean (if smoothed) + V rounding bias
         om = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
         od = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
         out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
-        out = out * gl.load(vs_ptr + pid_bh * HEAD_DIM + od)[None, :]
-        if SMOOTH_V:
-            out = out + gl.load(vm_ptr + pid_bh * HEAD_DIM + od)[None, :]
+        out = (out * gl.load(vs_ptr + pid_bh * HEAD_DIM + od)[None, :]
+               + gl.load(vm_ptr + pid_bh * HEAD_DIM + od)[None, :])
         gl.store(o_ptr + b * stride_ob + h * stride_oh + om.to(gl.int64)[:, None] * stride_on + od[None, :] * stride_od,
                  out.to(o_ptr.dtype.element_ty), mask=(om < NQ)[:, None])
 
@@ -184,16 +252,22 @@ def fa3_supported(q: torch.Tensor, head_dim: int, block_m: int, block_n: int, pv
 
 def launch_fa3(q: torch.Tensor, k8: torch.Tensor, ks: torch.Tensor, vt: torch.Tensor, vs: torch.Tensor,
                vm: torch.Tensor, out: torch.Tensor, heads: int, nk: int, nk_pad: int, nkb: int, qk_scale: float,
-               block_m: int, block_n: int, smooth_v: bool, stages: int = 3) -> None:
-    """Run the Gluon kernel on K/V already quantized by attention._kv_quant_kernel (k8 [BH*NK_PAD, D], vt [BH*D, NK_PAD])."""
+               block_m: int, block_n: int, stages: Optional[int] = None, overlap: Optional[bool] = None,
+               maxnreg: Optional[int] = None) -> None:
+    """Run the Gluon kernel on K/V already quantized by attention._kv_quant_kernel (k8 [BH*NK_PAD, D], vt [BH*D, NK_PAD]
+    with V's tokens in `v_column` order); stages / overlap / maxnreg default to `FA3_SCHEDULE[head_dim]`."""
     bsz_h, nq, d = q.shape[0] * q.shape[1], q.shape[2], q.shape[3]
     k_layout = gl.NVMMASharedLayout.get_default_for([block_n, d], gl.int8)
     v_layout = gl.NVMMASharedLayout.get_default_for([d, block_n], gl.float8e4nv)
     k_desc = GluonDescriptor(k8, list(k8.shape), list(k8.stride()), [block_n, d], k_layout)
     v_desc = GluonDescriptor(vt, list(vt.shape), list(vt.stride()), [d, block_n], v_layout)
+    sched = FA3_SCHEDULE[d]
+    stages = sched["stages"] if stages is None else stages
+    overlap = sched["overlap"] if overlap is None else overlap
+    maxnreg = sched["maxnreg"] if maxnreg is None else maxnreg
+    extra = {} if maxnreg is None else {"maxnreg": maxnreg}
     warps = block_m // 16   # one warp per 16 rows: warpgroups of 64 query rows
     grid = ((nq + block_m - 1) // block_m, bsz_h)
     _fa3_attn_kernel[grid](q, k_desc, ks, v_desc, vs, vm, out, heads, nq, nk, nk_pad, nkb, qk_scale,
                            *q.stride(), *out.stride(), HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
-                           STAGES=stages, SMOOTH_V=smooth_v,
-                           num_warps=warps)
+                           STAGES=stages, OVERLAP=overlap, num_warps=warps, **extra)
