@@ -1,19 +1,17 @@
-"""Hopper (sm_90) main loop of the quantized attention, written in Gluon for explicit wgmma scheduling.
+"""Hopper (sm_90) main loop of the quantized attention, written in Gluon (Triton's explicit-layout dialect).
 
-Same math as `attention._sage_attn_kernel` (semantics: `reference.quant_attention_ref`), one warpgroup per
-64 query rows. Two schedules (`FA3_SCHEDULE`):
+Same math as `attention._sage_attn_kernel` (semantics: `reference.quant_attention_ref`), one warpgroup per 64
+query rows, each key block in order like SageAttention2: S = Q8 K8^T (int8 wgmma), its softmax on the CUDA
+cores, P V (fp8 wgmma), each waited at once. The kernel is built for occupancy rather than intra-warpgroup
+overlap: 128 registers at D=64 (four CTAs per SM) and 167 at D=128 (three), so the CTAs of an SM hide each
+other's latencies; FlashAttention-3's order (S[j+1] issued under the softmax of S[j]) needs 238-255 registers,
+two CTAs per SM, and measured slower on an H200 at both head dims (NOTES.md). Per key block:
 
-* in order (the default): per key block, S = Q8 K8^T (int8 wgmma), its softmax, P V (fp8 wgmma), each waited
-  at once, like SageAttention2. Few live registers (128 at D=64, 167 at D=128), so four / three CTAs share an
-  SM and hide each other's latencies; K and V^T slots are refilled by TMA as soon as their wgmma returned.
-* overlapped (FlashAttention-3's intra-warpgroup order, which Triton's pipeliner does not produce): issue
-  S[j+1] asynchronously, run the softmax of S[j] under it, fold P[j-1] V[j-1] in, then P[j] V[j]. Faster per
-  CTA but 238-255 registers, i.e. two CTAs per SM: slower overall on an H200 (NOTES.md).
-
-V^T comes with its tokens permuted inside every 32-token group (`v_column`), so that P, still in the Q.K^T
-accumulator's registers, is already wgmma's A operand for P.V (no shuffles; SageAttention2 does the same).
-P.V starts from zero each key block and is added to the fp32 accumulator on the CUDA cores (SageAttention2's
-two-level accumulation: Hopper's fp8 wgmma accumulates with reduced precision).
+* K and V^T tiles arrive by TMA into a ring of STAGES slots, each refilled as soon as its wgmma returned.
+* V^T comes with its tokens permuted inside every 32-token group (`v_column`), so that P, still in the Q.K^T
+  accumulator's registers, is already the fp8 wgmma's A operand (no shuffles; SageAttention2 does the same).
+* P V starts from zero each key block and is added to the fp32 accumulator on the CUDA cores
+  (SageAttention2's two-level accumulation: Hopper's fp8 wgmma accumulates with reduced precision).
 """
 from __future__ import annotations
 
@@ -24,8 +22,7 @@ import torch
 try:  # Gluon ships with Triton >= 3.5; the CPU reference path needs none of this
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
     HAS_GLUON = True
 except Exception:  # pragma: no cover - depends on the installed Triton
@@ -34,11 +31,8 @@ except Exception:  # pragma: no cover - depends on the installed Triton
 
 # head dims at which impl="auto" takes this kernel on sm_90 (measured faster than the Triton kernel there)
 FA3_AUTO_HEAD_DIMS = (64, 128)
-# per head dim: TMA ring depth, FlashAttention-3 overlap or in-order wgmmas, register cap. Measured on an H200
-# (NOTES.md): in order with a 2-slot ring, 128 registers at D=64 (four CTAs per SM) and 167 at D=128 (three),
-# beat the overlapped schedule (238 / 255 registers, two CTAs per SM) by 13% and 3%.
-FA3_SCHEDULE: Dict[int, Dict[str, Any]] = {64: dict(stages=2, overlap=False, maxnreg=None),
-                                           128: dict(stages=2, overlap=False, maxnreg=None)}
+# per head dim: TMA ring depth and register cap; 128 registers at D=64 (four CTAs per SM), 167 at D=128 (three)
+FA3_SCHEDULE: Dict[int, Dict[str, Any]] = {64: dict(stages=2, maxnreg=None), 128: dict(stages=2, maxnreg=None)}
 
 
 def v_column(n: torch.Tensor) -> torch.Tensor:
@@ -67,23 +61,24 @@ if HAS_GLUON:
         return p, m_new, alpha
 
     @gluon.jit
-    def _pv_block(p, v_view, zero_o, p_layout: gl.constexpr):
-        """P V of one key block from zero: P rounded to e4m3 and, in the token order of the permuted V^T
-        (`v_column`), read as wgmma's A operand where it sits: the layout conversion is register renaming."""
+    def _p_operand(p, p_layout: gl.constexpr):
+        """P rounded to e4m3 as wgmma's A operand, in the token order of the permuted V^T (`v_column`): the
+        reshape / permute only renames registers, so the layout conversion moves no data."""
         BM: gl.constexpr = p.shape[0]
         BN: gl.constexpr = p.shape[1]
         p8 = p.to(gl.float8e4nv)
         p8 = gl.reshape(p8, [BM, BN // 32, 2, 2, 4, 2])
         p8 = gl.permute(p8, [0, 1, 2, 4, 3, 5])
         p8 = gl.reshape(p8, [BM, BN])
-        p8 = gl.convert_layout(p8, p_layout)
-        return warpgroup_mma(p8, v_view, zero_o, use_acc=False)
+        return gl.convert_layout(p8, p_layout)
 
     @gluon.jit
-    def _sync_step(j, q_smem, k_smem, v_smem, kbar, vbar, k_desc, v_desc, kv_row0, v_row0, NKB, acc, l_i, m_i, c,
-                   offs_n, n_valid, zero_s, zero_o, p_layout: gl.constexpr, o_layout: gl.constexpr,
+    def _key_block(j, q_smem, k_smem, v_smem, kbar, vbar, k_desc, v_desc, kv_row0, v_row0, NKB,
+                   acc, l_i, m_i, c, offs_n, n_valid, zero_s, zero_o,
+                   p_layout: gl.constexpr, o_layout: gl.constexpr,
                    STAGES: gl.constexpr, BLOCK_N: gl.constexpr, MASK: gl.constexpr):
-        """One key block in order (S, softmax, P V), refilling its K and V slots as soon as each is read."""
+        """Key block j: S, softmax, P V, each of its K and V slots refilled with block j + STAGES as soon as the
+        wgmma reading it returned."""
         slot = j % STAGES
         phase = (j // STAGES) & 1
         nxt = j + STAGES
@@ -95,7 +90,7 @@ if HAS_GLUON:
         p, m_i, alpha = _softmax_block(s, m_i, c, offs_n, n_valid, MASK)
         l_i = l_i * alpha + gl.sum(p, axis=1)
         mbarrier.wait(vbar.index(slot), phase)
-        pv = _pv_block(p, v_smem.index(slot).permute((1, 0)), zero_o, p_layout)
+        pv = warpgroup_mma(_p_operand(p, p_layout), v_smem.index(slot).permute((1, 0)), zero_o, use_acc=False)
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None] + pv
         mbarrier.expect(vbar.index(slot), v_desc.block_type.nbytes, pred=nxt < NKB)
         tma.async_copy_global_to_shared(v_desc, [v_row0, nxt * BLOCK_N], vbar.index(slot), v_smem.index(slot),
@@ -108,11 +103,8 @@ if HAS_GLUON:
                          stride_qb, stride_qh, stride_qn, stride_qd,
                          stride_ob, stride_oh, stride_on, stride_od,
                          HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                         STAGES: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr):
-        """BLOCK_M queries of one (b, h) against every key block; num_warps // 4 warpgroups of 64 rows.
-
-        OVERLAP: Q.K^T of the next key block runs under this block's softmax (FlashAttention-3's order), else
-        every wgmma is waited at once (fewer registers, so more CTAs per SM can hide the latency instead)."""
+                         STAGES: gl.constexpr, num_warps: gl.constexpr):
+        """BLOCK_M queries of one (b, h) against every key block; num_warps // 4 warpgroups of 64 rows."""
         pid_m = gl.program_id(0)
         pid_bh = gl.program_id(1)
         b = (pid_bh // H).to(gl.int64)
@@ -159,73 +151,21 @@ if HAS_GLUON:
             tma.async_copy_global_to_shared(v_desc, [v_row0, i * BLOCK_N], vbar.index(i), v_smem.index(i), pred=ok)
 
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
-        l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
         acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
         zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, s_layout)
         zero_o = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+        l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
         offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         ks_base = ks_ptr + pid_bh * NKB
-
-        if OVERLAP:
-            pv = zero_o                                   # P V of the previous block, folded in one block late
-            alpha_prev = gl.full([BLOCK_M], 1.0, gl.float32, gl.SliceLayout(1, o_layout))
-            ks_cur = gl.load(ks_base)
-            # --- prologue: S[0]
-            mbarrier.wait(kbar.index(0), 0)
-            s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False)
-            nxt = STAGES < NKB
-            mbarrier.expect(kbar.index(0), k_desc.block_type.nbytes, pred=nxt)
-            tma.async_copy_global_to_shared(k_desc, [kv_row0 + STAGES * BLOCK_N, 0], kbar.index(0), k_smem.index(0),
-                                            pred=nxt)
-
-            for j in range(0, NKB - 1):
-                ks_nxt = gl.load(ks_base + j + 1)       # K scale of block j+1, loaded one block ahead
-                # Q.K^T of block j+1 on the tensor cores ...
-                ks_slot = (j + 1) % STAGES
-                mbarrier.wait(kbar.index(ks_slot), ((j + 1) // STAGES) & 1)
-                s_next = warpgroup_mma(q_smem, k_smem.index(ks_slot).permute((1, 0)), zero_s, use_acc=False,
-                                       is_async=True)
-                # ... while the softmax of block j runs on the CUDA cores
-                p, m_i, alpha = _softmax_block(s, m_i, c_q * ks_cur, offs_n, BLOCK_N, False)
-                ks_cur = ks_nxt
-                l_i = l_i * alpha + gl.sum(p, axis=1)
-                # fold in the previous block's P V while S[j+1] still runs
-                acc = acc * alpha_prev[:, None] + pv
-                vs_slot = j % STAGES
-                mbarrier.wait(vbar.index(vs_slot), (j // STAGES) & 1)
-                pv = _pv_block(p, v_smem.index(vs_slot).permute((1, 0)), zero_o, p_layout)   # retires S[j+1] too
-                alpha_prev = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
-                s = warpgroup_mma_wait(0, deps=(s_next,))
-                # both slots are free: V[j]'s takes block j+STAGES, K[j+1]'s block j+1+STAGES
-                v_blk = j + STAGES
-                k_blk = j + 1 + STAGES
-                mbarrier.expect(vbar.index(vs_slot), v_desc.block_type.nbytes, pred=v_blk < NKB)
-                mbarrier.expect(kbar.index(ks_slot), k_desc.block_type.nbytes, pred=k_blk < NKB)
-                tma.async_copy_global_to_shared(v_desc, [v_row0, v_blk * BLOCK_N], vbar.index(vs_slot),
-                                                v_smem.index(vs_slot), pred=v_blk < NKB)
-                tma.async_copy_global_to_shared(k_desc, [kv_row0 + k_blk * BLOCK_N, 0], kbar.index(ks_slot),
-                                                k_smem.index(ks_slot), pred=k_blk < NKB)
-
-            # --- last key block (ragged: padded keys are masked)
-            last = NKB - 1
-            p, m_i, alpha = _softmax_block(s, m_i, c_q * ks_cur, offs_n, NK - last * BLOCK_N, True)
-            l_i = l_i * alpha + gl.sum(p, axis=1)
-            acc = acc * alpha_prev[:, None] + pv
-            vs_slot = last % STAGES
-            mbarrier.wait(vbar.index(vs_slot), (last // STAGES) & 1)
-            pv = _pv_block(p, v_smem.index(vs_slot).permute((1, 0)), zero_o, p_layout)
-            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None] + pv
-        else:
-            # SageAttention2's order: S[j], its softmax, P[j] V[j], each wgmma waited at once; the latency is
-            # hidden by more CTAs per SM (fewer live registers: no second score block, no deferred P V)
-            for j in range(0, NKB - 1):
-                acc, l_i, m_i = _sync_step(j, q_smem, k_smem, v_smem, kbar, vbar, k_desc, v_desc, kv_row0, v_row0,
-                                           NKB, acc, l_i, m_i, c_q * gl.load(ks_base + j), offs_n, BLOCK_N,
-                                           zero_s, zero_o, p_layout, o_layout, STAGES, BLOCK_N, False)
-            acc, l_i, m_i = _sync_step(NKB - 1, q_smem, k_smem, v_smem, kbar, vbar, k_desc, v_desc, kv_row0,
-                                       v_row0, NKB, acc, l_i, m_i, c_q * gl.load(ks_base + NKB - 1), offs_n,
-                                       NK - (NKB - 1) * BLOCK_N, zero_s, zero_o, p_layout, o_layout, STAGES,
-                                       BLOCK_N, True)
+        for j in range(0, NKB - 1):
+            acc, l_i, m_i = _key_block(j, q_smem, k_smem, v_smem, kbar, vbar, k_desc, v_desc, kv_row0, v_row0, NKB,
+                                       acc, l_i, m_i, c_q * gl.load(ks_base + j), offs_n, BLOCK_N, zero_s, zero_o,
+                                       p_layout, o_layout, STAGES, BLOCK_N, False)
+        # last key block (ragged: padded keys are masked)
+        acc, l_i, m_i = _key_block(NKB - 1, q_smem, k_smem, v_smem, kbar, vbar, k_desc, v_desc, kv_row0, v_row0,
+                                   NKB, acc, l_i, m_i, c_q * gl.load(ks_base + NKB - 1), offs_n,
+                                   NK - (NKB - 1) * BLOCK_N, zero_s, zero_o, p_layout, o_layout, STAGES, BLOCK_N,
+                                   True)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(kbar.index(i))
             mbarrier.invalidate(vbar.index(i))
@@ -252,10 +192,9 @@ def fa3_supported(q: torch.Tensor, head_dim: int, block_m: int, block_n: int, pv
 
 def launch_fa3(q: torch.Tensor, k8: torch.Tensor, ks: torch.Tensor, vt: torch.Tensor, vs: torch.Tensor,
                vm: torch.Tensor, out: torch.Tensor, heads: int, nk: int, nk_pad: int, nkb: int, qk_scale: float,
-               block_m: int, block_n: int, stages: Optional[int] = None, overlap: Optional[bool] = None,
-               maxnreg: Optional[int] = None) -> None:
+               block_m: int, block_n: int, stages: Optional[int] = None, maxnreg: Optional[int] = None) -> None:
     """Run the Gluon kernel on K/V already quantized by attention._kv_quant_kernel (k8 [BH*NK_PAD, D], vt [BH*D, NK_PAD]
-    with V's tokens in `v_column` order); stages / overlap / maxnreg default to `FA3_SCHEDULE[head_dim]`."""
+    with V's tokens in `v_column` order); stages / maxnreg default to `FA3_SCHEDULE[head_dim]`."""
     bsz_h, nq, d = q.shape[0] * q.shape[1], q.shape[2], q.shape[3]
     k_layout = gl.NVMMASharedLayout.get_default_for([block_n, d], gl.int8)
     v_layout = gl.NVMMASharedLayout.get_default_for([d, block_n], gl.float8e4nv)
@@ -263,11 +202,10 @@ def launch_fa3(q: torch.Tensor, k8: torch.Tensor, ks: torch.Tensor, vt: torch.Te
     v_desc = GluonDescriptor(vt, list(vt.shape), list(vt.stride()), [d, block_n], v_layout)
     sched = FA3_SCHEDULE[d]
     stages = sched["stages"] if stages is None else stages
-    overlap = sched["overlap"] if overlap is None else overlap
     maxnreg = sched["maxnreg"] if maxnreg is None else maxnreg
     extra = {} if maxnreg is None else {"maxnreg": maxnreg}
     warps = block_m // 16   # one warp per 16 rows: warpgroups of 64 query rows
     grid = ((nq + block_m - 1) // block_m, bsz_h)
     _fa3_attn_kernel[grid](q, k_desc, ks, v_desc, vs, vm, out, heads, nq, nk, nk_pad, nkb, qk_scale,
                            *q.stride(), *out.stride(), HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
-                           STAGES=stages, OVERLAP=overlap, num_warps=warps, **extra)
+                           STAGES=stages, num_warps=warps, **extra)
