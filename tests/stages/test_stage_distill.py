@@ -198,3 +198,19 @@ def test_a_unit_made_worse_is_warned_and_noted():
     good = run_distillation(fresh(), DistillSettings(mode="e2e", iters=4, lr=1e-3, scale_lr=1e-3, train=["scales"],
                                                      eval_rows=4))
     assert good.units[0].err_after < good.units[0].err_before and result_notes(good) == []
+
+
+def test_forward_chunks_are_sized_by_tokens():
+    """Forward-only passes (block inputs, targets, errors, S2Q's token weights) take CHUNK_TOKENS tokens a call:
+    16 rows of a small model, 2 rows of Wan2.1-1.3B's 32,760-token videos (16 took its S2Q distillation to 2.3x
+    the FP pipeline's peak memory on an H200)."""
+    from workbench.stages.distill.rows import CHUNK_ROWS, chunk_rows
+
+    def batch_of(tokens, channels=8):
+        return lambda idx: {"hidden_states": torch.zeros(len(idx), tokens, channels), "temb": torch.zeros(len(idx), 4)}
+
+    assert chunk_rows(batch_of(100)) == CHUNK_ROWS
+    assert chunk_rows(batch_of(32760)) == 2
+    assert chunk_rows(batch_of(18002)) == 3
+    assert chunk_rows(batch_of(10**6)) == 1
+    assert chunk_rows(lambda idx: {"x": 3}) == CHUNK_ROWS

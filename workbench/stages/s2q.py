@@ -360,7 +360,7 @@ def attention_token_fn(session: Session, keep_ratio: float, mix: float) -> Calla
     """token_weights callback of run_distillation: FP self-attention received per token, as weights."""
     from workbench.models.adapters import adapter_for, attention_modules, video_token_slice
     from workbench.quant.attention import AttentionSpec, capturing_attention, wrap_attention
-    from workbench.stages.distill.rows import output_tensor
+    from workbench.stages.distill.rows import chunk_rows, output_tensor
 
     adapter = adapter_for(session.fp_transformer)
     self_att = list(attention_modules(session.fp_transformer, kinds=("self", "joint", "temporal")))
@@ -376,7 +376,7 @@ def attention_token_fn(session: Session, keep_ratio: float, mix: float) -> Calla
             wrap_attention(blk.get_submodule(a), AttentionSpec.capture_only())
         outs = []
         with capturing_attention(blk) as cap:
-            for idx in torch.arange(n).split(16):
+            for idx in torch.arange(n).split(chunk_rows(batch_fn)):
                 for lst in cap.values():
                     lst.clear()
                 blk(**batch_fn(idx))
