@@ -250,7 +250,7 @@ def quant_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm
     """Triton quantized attention for [B, H, N, D] q/k/v (any strides); semantics of quant_attention_ref.
 
     block_m / block_n: query / key block (Q- and K-scale granularity); None: `default_blocks(D)`.
-    impl: "auto" (on sm_90 the Gluon kernel of attention_sm90.py at D = 128, else TMA K/V loads on sm_90+),
+    impl: "auto" (on sm_90 the Gluon kernel of attention_sm90.py at D = 64 and 128, else TMA K/V loads on sm_90+),
     "fa3" (that Gluon kernel), "tma" or "ptr". exp_f16x2: compute exp2 two-at-a-time
     with ex2.approx.f16x2 (GPU only; halves MUFU work, P rounded to fp16 before fp8). pv_promote:
     promote the fp8 P.V wgmma accumulator to fp32 every key block. config: {num_warps, num_stages}.

@@ -216,4 +216,5 @@ def unit_error(unit: nn.Module, batch: Callable, target: torch.Tensor, idx: torc
 
 
 __all__ = ["CHUNK_ROWS", "CHUNK_TOKENS", "Rows", "bind_call", "chunk_rows", "first_block_calls", "has_timestep_wise",
-           "hidden_leaf", "output_tensor", "propagate", "run_unit", "sample_rows", "select_rows", "to_cpu", "unit_error"]
+           "hidden_leaf", "output_tensor", "propagate", "run_unit", "sample_rows", "select_rows", "to_cpu",
+           "unit_error"]
