@@ -2,6 +2,7 @@
 
     python scripts/attention_sweep.py ours --out rows.jsonl   # SDPA cuDNN, our Triton and Gluon kernels
     python scripts/attention_sweep.py sage --out rows.jsonl   # SageAttention2 (needs `import sageattention`)
+    python scripts/attention_sweep.py schedules --out rows.jsonl   # the Gluon kernel's ring depths / register caps
 
 Inputs: batch 1, bf16 randn Q/K/V with a per-channel offset on K (3 x randn, seed 0); times from
 `triton.testing.do_bench` (25 warm-up, 100 ms), whole call (our K/V passes included); error: relative L2 against
@@ -38,6 +39,20 @@ def candidates(part: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
         from sageattention import sageattn
         return [("SageAttention2 sm90 (sageattn)", lambda: sageattn(q, k, v, tensor_layout="HND"))]
     from workbench.kernels.attention import quant_attention_triton
+    if part == "schedules":
+        from workbench.kernels import attention_sm90 as G
+
+        def sched(stages: int, maxnreg: int | None):
+            def fn() -> torch.Tensor:
+                saved = G.FA3_SCHEDULE[q.shape[-1]]
+                G.FA3_SCHEDULE[q.shape[-1]] = dict(stages=stages, maxnreg=maxnreg)
+                try:
+                    return quant_attention_triton(q, k, v, impl="fa3")
+                finally:
+                    G.FA3_SCHEDULE[q.shape[-1]] = saved
+            return fn
+        return [(f"ours Gluon sm_90, {st}-slot ring, maxnreg {mr}", sched(st, mr))
+                for st, mr in ((1, None), (2, None), (3, None), (4, None), (2, 168))]
 
     def cudnn() -> torch.Tensor:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -54,7 +69,7 @@ def candidates(part: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("part", choices=["ours", "sage"])
+    ap.add_argument("part", choices=["ours", "sage", "schedules"])
     ap.add_argument("--out", default="attention_sweep.jsonl", help="JSON lines file, appended to")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
