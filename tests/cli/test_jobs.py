@@ -122,3 +122,33 @@ def test_analyze_writes_html_with_figures(tmp_path, capsys):
     assert {"activations", "weights", "layer_errors", "sensitivity"} <= set(reports[1]["tables"])
     assert main(["analyze", "--recipe", str(recipe), "--out", str(out)]) == 2
     assert "--force" in capsys.readouterr().err
+
+
+def test_recipe_with_the_attention_kernel_round_trips(tmp_path, capsys):
+    """quant.attention: {kernel: fp8}: quantize -> eval -> export -> load, the loaded model's videos equal the run's."""
+    import torch
+
+    from workbench.io import rundir
+    from workbench.io.packed import load_packed
+    from workbench.kernels import ops
+    from workbench.models.generator import GenerationSettings
+
+    d = yaml.safe_load(_small_recipe(tmp_path, "naive-w8a8").read_text())
+    d["quant"]["attention"] = {"kernel": "fp8", "kernel_min_tokens": 0}
+    d["name"] = "naive-w8a8-qattn"
+    recipe = tmp_path / "qattn.yaml"
+    recipe.write_text(yaml.safe_dump(d))
+    run, packed = tmp_path / "run", tmp_path / "packed"
+    assert main(["quantize", "--recipe", str(recipe), "--out", str(run)]) == 0
+    capsys.readouterr()
+    calls = ops.CALLS["quant_attention"]
+    assert main(["eval", str(run), "--json", "--steps", "2", "--seed", "4"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert ops.CALLS["quant_attention"] > calls and 10 < m["psnr_vs_fp"] < PSNR_CAP_DB
+    gen, qt, manifest = rundir.load_quantized(run)
+    assert manifest["recipe"]["recipe"]["quant"]["attention"]["kernel"] == "fp8"
+    assert main(["export", str(run), "--out", str(packed)]) == 0
+    s = GenerationSettings(steps=2)
+    want = gen.generate(["a red circle moving left"], [1], s, transformer=qt)
+    loaded = load_packed(packed, fake_quant=True)
+    assert torch.equal(gen.generate(["a red circle moving left"], [1], s, transformer=loaded), want)

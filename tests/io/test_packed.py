@@ -375,3 +375,36 @@ def test_bundled_w4a8_bytes_and_videos(bundled, tmp_path):
         want, got, full = (t(*args, return_dict=False)[0] for t in (q, ref, bundled.transformer))
     kernel_err, quant_err = (got - want).abs().mean(), (want - full).abs().mean()
     assert kernel_err < 0.2 * quant_err, (float(kernel_err), float(quant_err))
+
+
+def test_bundled_attention_kernel_plan_round_trip(bundled, tmp_path):
+    """Attention through the quantized attention kernel, per module (fp8 P.V, fp16 P.V for block 0's self-attention,
+    block 1's cross-attention kept in full precision): the manifest records the plan, the loaded model runs it."""
+    from workbench.kernels import ops
+    from workbench.quant import AttentionSpec, quant_disabled
+
+    q = copy.deepcopy(bundled.transformer)
+    cfg = QuantConfig(attention=AttentionSpec.kernel_only("fp8", min_tokens=0), keep_fp=["blocks.1.attn2"],
+                      attention_layers={"blocks.0.attn1": AttentionSpec.kernel_only("fp16", min_tokens=0)})
+    quantize_model(q, cfg)
+    export_model(q, tmp_path, recipe={"name": "w8a8-attention-kernel"})
+    att = json.loads((tmp_path / "manifest.json").read_text())["attention"]
+    assert att["blocks.0.attn1"]["spec"]["kernel"] == "fp16" and att["blocks.0.attn2"]["spec"]["kernel"] == "fp8"
+    assert "blocks.1.attn2" not in att and len(att) == 11
+    r = load_packed(tmp_path, backend="reference")
+    assert r.get_submodule("blocks.0.attn1").quant_attention.spec == AttentionSpec.kernel_only("fp16", 0)
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(1, bundled.transformer.config.in_channels, 8, 32, 32, generator=g), torch.tensor([500.0]),
+            torch.randn(1, 8, 64, generator=g))
+    fake = load_packed(tmp_path, fake_quant=True, verify=False)
+    with torch.no_grad():
+        calls = ops.CALLS["quant_attention"]
+        r(*args, return_dict=False)
+        assert ops.CALLS["quant_attention"] - calls == 11
+        out = fake(*args, return_dict=False)[0]
+        assert torch.equal(out, q(*args, return_dict=False)[0])
+        with quant_disabled(fake):
+            fake(*args, return_dict=False)
+        assert ops.CALLS["quant_attention"] - calls == 33   # r, fake and q once each; none switched off
+        ref = bundled.transformer(*args, return_dict=False)[0]
+        assert 0 < float((out - ref).norm() / ref.norm()) < 0.2

@@ -190,3 +190,50 @@ def test_chunk_budget_scales_with_free_gpu_memory(monkeypatch):
     assert chunk_budget(None, torch.device("cuda")) == 2**27  # 4 GiB / 32
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**20, 140 * 2**30))
     assert chunk_budget(None, torch.device("cuda")) == 2**26  # nearly full: never below the CPU's chunk
+
+
+def test_kernel_mode_runs_the_quantized_attention_kernel_where_it_applies():
+    """AttentionSpec.kernel: calls go through workbench.kernels' quantized attention (its CPU reference here);
+    masked / causal / short calls and the "off" / "observe" modes stay full precision."""
+    from workbench.kernels import ops
+    from workbench.kernels import reference as R
+    from workbench.quant import observing
+
+    q, k, v = _qkv(sq=40, sk=40, d=16)
+    qa = QuantAttention(AttentionSpec.kernel_only("fp8", min_tokens=32))
+    assert qa.active and not qa.quantizers()
+    calls = ops.CALLS["quant_attention"]
+    out = qa(q, k, v)
+    assert ops.CALLS["quant_attention"] == calls + 1
+    torch.testing.assert_close(out, R.quant_attention_ref(q, k, v, block_m=64, block_n=128), rtol=0, atol=0)
+    assert 0 < R.rel_error(out, F.scaled_dot_product_attention(q, k, v)) < 0.05
+    fp16 = QuantAttention(AttentionSpec.kernel_only("fp16", min_tokens=0))(q, k, v)
+    torch.testing.assert_close(fp16, R.quant_attention_ref(q, k, v, block_m=64, block_n=128, pv_dtype="fp16"))
+    sdpa = F.scaled_dot_product_attention
+    for kwargs in ({"is_causal": True}, {"attn_mask": torch.ones(40, 40, dtype=torch.bool)}):
+        torch.testing.assert_close(qa(q, k, v, **kwargs), sdpa(q, k, v, **kwargs), rtol=0, atol=0)
+    short = QuantAttention(AttentionSpec.kernel_only("fp8", min_tokens=41))
+    torch.testing.assert_close(short(q, k, v), sdpa(q, k, v), rtol=0, atol=0)
+    with quant_disabled(qa):
+        assert qa.mode == "off" and not qa.active
+    with observing(qa):
+        assert not qa.active
+    assert qa.mode == "quantize" and qa.active
+
+
+def test_kernel_spec_is_checked_and_round_trips():
+    from workbench.quant.config import QuantConfig, attention_from_dict
+
+    spec = attention_from_dict({"kernel": "fp16", "kernel_min_tokens": 0})
+    assert spec == AttentionSpec.kernel_only("fp16", 0) and attention_from_dict(spec.to_dict()) == spec
+    for bad, msg in (({"kernel": "int4"}, "P.V format"), ({"kernel": "fp8", "q": {"format": "int8"}}, "set q, k, v"),
+                     ({"kernel": "fp8", "kernel_min_tokens": "many"}, "integer")):
+        with pytest.raises(ValueError, match=msg):
+            attention_from_dict(bad)
+    cfg = QuantConfig.from_dict({"attention": {"kernel": "fp8"}, "keep_fp": ["blocks.2.*"],
+                                 "attention_layers": {"blocks.0.*": {"kernel": "fp16"}}})
+    assert cfg.attention_for("blocks.0.attn1").kernel == "fp16" and cfg.attention_for("blocks.1.attn1").kernel == "fp8"
+    assert cfg.attention_for("blocks.2.attn1") is None
+    assert QuantConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="attention_layers must map"):
+        QuantConfig.from_dict({"attention_layers": ["blocks.0.*"]})

@@ -67,7 +67,7 @@ def test_wxay_shorthand():
         ({"weight": {"bitz": 4}}, r"unknown field 'bitz' in weight; allowed fields: \['format', 'granularity'"),
         ({"rules": [{"pattern": "x", "wieght": {}}]}, r"unknown field 'wieght' in rules\[0\]"),
         ({"rules": [{"weight": {}}]}, "needs a 'pattern'"),
-        ({"attention": {"qq": {}}}, r"unknown field 'qq' in attention; allowed fields: \['q', 'k', 'v', 'p'\]"),
+        ({"attention": {"qq": {}}}, r"unknown field 'qq' in attention; allowed fields: \['q', 'k', 'v', 'p', 'kernel', 'kernel_min_tokens'\]"),
         ({"weight": {"bits": 9}}, r"weight: bits must be in 2\.\.8"),
         ({"weight": {"format": "int1"}}, r"2\.\.8"),
         ({"act": {"bits": 16}}, r"act: bits must be in 2\.\.8"),

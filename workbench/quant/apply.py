@@ -22,7 +22,8 @@ def quantize_model(
     Every nn.Linear the config does not keep in full precision becomes a QuantLinear sharing its
     parameters; an existing QuantLinear is re-specced (its smoothing, rotation and extras kept), so
     mixed-precision stages can call this again with `names` restricting it to some layers. Attention
-    modules are wrapped when `config.attention` is set. The timestep hook is installed on `model`.
+    modules are wrapped per `config.attention_for` (fake-quant specs or the quantized attention kernel). The
+    timestep hook is installed on `model`.
     """
     wanted = None if names is None else set(names)
     done: dict[str, QuantLinear] = {}

@@ -21,7 +21,7 @@ import math
 import types
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -31,6 +31,8 @@ from torch import nn
 from .quantizer import QuantSpec, Quantizer
 
 ATTENTION_PARTS = ("q", "k", "v", "p")
+KERNEL_PV = ("fp8", "fp16")  # P.V formats of workbench.kernels' quantized attention
+KERNEL_HEAD_DIMS = (16, 32, 64, 128)
 
 
 @dataclass(frozen=True)
@@ -39,12 +41,35 @@ class AttentionSpec:
 
     Defaults are kernel friendly: Q, K per-token dynamic (scales factor out of the D reduction), V per
     tensor dynamic, P (softmax probabilities in [0, 1]) unsigned with the fixed range 0..1.
+    kernel: "fp8" / "fp16" runs the call through workbench.kernels' quantized attention instead (int8 Q.K^T
+    with K smoothing, that P.V format: the GPU kernel where one runs, its exact CPU reference elsewhere), so
+    calibration, evaluation and the exported model all see the deployed numerics; q, k, v, p are then unset.
+    Calls the kernel cannot take (a mask, dropout, causal, head_dim outside 16-128, fewer than
+    `kernel_min_tokens` queries or keys, e.g. short cross-attention) stay full precision.
     """
 
     q: QuantSpec | None = QuantSpec("int8", "token", dynamic=True)
     k: QuantSpec | None = QuantSpec("int8", "token", dynamic=True)
     v: QuantSpec | None = QuantSpec("int8", "tensor", dynamic=True)
     p: QuantSpec | None = QuantSpec("uint8", "tensor", fixed_range=(0.0, 1.0))
+    kernel: str | None = None
+    kernel_min_tokens: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.kernel is None:
+            return
+        if self.kernel not in KERNEL_PV:
+            raise ValueError(f"attention kernel {self.kernel!r}: use one of {KERNEL_PV} (the P.V format) or null")
+        if any(getattr(self, n) is not None for n in ATTENTION_PARTS):
+            raise ValueError("attention.kernel runs the kernel's own quantization: set q, k, v and p to null "
+                             "(or drop 'kernel' to fake-quantize attention with those specs)")
+        if int(self.kernel_min_tokens) < 0:
+            raise ValueError(f"attention.kernel_min_tokens must be >= 0, got {self.kernel_min_tokens}")
+
+    @classmethod
+    def kernel_only(cls, pv: str = "fp8", min_tokens: int = 1024) -> AttentionSpec:
+        """Attention through the quantized attention kernel with P.V in `pv`, for calls of >= min_tokens."""
+        return cls(q=None, k=None, v=None, p=None, kernel=pv, kernel_min_tokens=min_tokens)
 
     @classmethod
     def uniform(cls, bits: int = 8, p_bits: int | None = None) -> AttentionSpec:
@@ -64,7 +89,11 @@ class AttentionSpec:
         return cls(q=None, k=None, v=None, p=None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to_dict() for f in fields(self)}
+        out: dict[str, Any] = {n: None if getattr(self, n) is None else getattr(self, n).to_dict()
+                               for n in ATTENTION_PARTS}
+        if self.kernel is not None:
+            out.update(kernel=self.kernel, kernel_min_tokens=int(self.kernel_min_tokens))
+        return out
 
 
 def chunk_budget(chunk_elements: int | None, device: torch.device) -> int:
@@ -100,6 +129,11 @@ class QuantAttention(nn.Module):
         self.captured: list[torch.Tensor] = []
         self.explicit = False
         self.chunk_elements: int | None = None
+        # the kernel's on/off switch, set with the activation quantizers' modes (`quant.context`): the kernel
+        # runs only in "quantize"; "observe" and "off" give full-precision attention, like a pass-through quantizer
+        self.mode = "quantize"
+
+    is_weight = False  # for quant.context's mode switches: the kernel quantizes activations
 
     def quantizers(self) -> dict[str, Quantizer]:
         return {n: q for n in ATTENTION_PARTS if (q := getattr(self, f"{n}_quantizer")) is not None}
@@ -107,7 +141,19 @@ class QuantAttention(nn.Module):
     @property
     def active(self) -> bool:
         """Whether attention must be computed here (else the original attention function runs)."""
-        return self.capture or self.explicit or any(q.mode != "off" for q in self.quantizers().values())
+        return (self.capture or self.explicit or (self.spec.kernel is not None and self.mode == "quantize")
+                or any(q.mode != "off" for q in self.quantizers().values()))
+
+    def _kernel(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
+                dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool) -> torch.Tensor:
+        """The quantized attention kernel where it applies (`AttentionSpec.kernel`), else full precision."""
+        n = self.spec.kernel_min_tokens
+        if (attn_mask is None and dropout_p == 0.0 and not is_causal and query.shape[-1] in KERNEL_HEAD_DIMS
+                and key.shape[-3] == query.shape[-3] and min(query.shape[-2], key.shape[-2]) >= max(1, n)):
+            import workbench.kernels.ops  # noqa: F401 - registers torch.ops.workbench.quant_attention
+            return torch.ops.workbench.quant_attention(query, key, value, scale, self.spec.kernel)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
 
     def forward(
         self,
@@ -120,6 +166,8 @@ class QuantAttention(nn.Module):
         scale: float | None = None,
         enable_gqa: bool = False,
     ) -> torch.Tensor:
+        if self.spec.kernel is not None and self.mode == "quantize" and not (self.capture or self.explicit):
+            return self._kernel(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         if enable_gqa and key.shape[-3] != query.shape[-3]:
             repeat = query.shape[-3] // key.shape[-3]
             key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)

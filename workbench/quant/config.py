@@ -11,7 +11,7 @@ import fnmatch
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .attention import AttentionSpec
+from .attention import ATTENTION_PARTS, AttentionSpec
 from .formats import QuantFormat
 from .quantizer import QuantSpec
 
@@ -49,14 +49,26 @@ def spec_from_dict(d: dict[str, Any] | str, base: QuantSpec | None = None, where
 
 
 def attention_from_dict(d: dict[str, Any], where: str = "attention") -> AttentionSpec:
-    """An AttentionSpec from {q, k, v, p: spec mapping or None}; missing parts keep the defaults."""
+    """An AttentionSpec from {q, k, v, p: spec mapping or None}; missing parts keep the defaults. With
+    `kernel: fp8 | fp16` (and optionally `kernel_min_tokens`) the parts default to None: the kernel quantizes."""
     _check_keys(d, AttentionSpec, where)
-    default = AttentionSpec()
-    parts = {}
+    kernel = d.get("kernel")
+    default = AttentionSpec() if kernel is None else AttentionSpec.kernel_only(str(kernel))
+    parts: dict[str, Any] = {}
     for name, value in d.items():
-        base = getattr(default, name) or QuantSpec()
-        parts[name] = None if value is None else spec_from_dict(value, base, f"{where}.{name}")
-    return AttentionSpec(**{f.name: parts.get(f.name, getattr(default, f.name)) for f in fields(AttentionSpec)})
+        if name in ATTENTION_PARTS:
+            base = getattr(AttentionSpec(), name) or QuantSpec()
+            parts[name] = None if value is None else spec_from_dict(value, base, f"{where}.{name}")
+        elif name == "kernel_min_tokens":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{where}.kernel_min_tokens must be an integer, got {value!r}")
+            parts[name] = value
+        else:
+            parts[name] = value
+    try:
+        return AttentionSpec(**{f.name: parts.get(f.name, getattr(default, f.name)) for f in fields(AttentionSpec)})
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -93,13 +105,16 @@ DEFAULT_ACT = QuantSpec("int8", "token", dynamic=True)
 @dataclass
 class QuantConfig:
     """Default weight / activation specs (None = that side stays full precision), per-layer rules,
-    attention quantization (None = full-precision attention), full-precision layer patterns, and where
-    the model's forward receives its timestep (for timestep-wise ranges)."""
+    attention quantization (None = full-precision attention) with per-module overrides (`attention_layers`:
+    fnmatch pattern -> spec, the first match wins; e.g. fp16 P.V for the layers the error analysis flags),
+    full-precision layer patterns (linears and attention modules), and where the model's forward receives
+    its timestep (for timestep-wise ranges)."""
 
     weight: QuantSpec | None = DEFAULT_WEIGHT
     act: QuantSpec | None = DEFAULT_ACT
     rules: list[Rule] = field(default_factory=list)
     attention: AttentionSpec | None = None
+    attention_layers: dict[str, AttentionSpec] = field(default_factory=dict)
     keep_fp: list[str] = field(default_factory=list)
     timestep_arg: str = "timestep"
     max_timestep: float = 1000.0
@@ -110,8 +125,10 @@ class QuantConfig:
 
     def _act_specs(self) -> list[tuple[str, QuantSpec]]:
         out = [("act", self.act)] + [(f"rules[{r.pattern!r}].act", r.act) for r in self.rules]
-        if self.attention is not None:
-            out += [(f"attention.{n}", getattr(self.attention, n)) for n in ("q", "k", "v", "p")]
+        for where, att in [("attention", self.attention)] + [(f"attention_layers[{p!r}]", a)
+                                                              for p, a in self.attention_layers.items()]:
+            if att is not None:
+                out += [(f"{where}.{n}", getattr(att, n)) for n in ATTENTION_PARTS]
         return [(w, s) for w, s in out if s is not None]
 
     # ---- resolution ----------------------------------------------------------------------------------
@@ -147,7 +164,9 @@ class QuantConfig:
 
     def attention_for(self, name: str) -> AttentionSpec | None:
         """Attention spec for the attention module `name` (None: not wrapped)."""
-        return None if self.attention is None or self.is_fp(name) else self.attention
+        if self.is_fp(name):
+            return None
+        return next((a for p, a in self.attention_layers.items() if fnmatch.fnmatchcase(name, p)), self.attention)
 
     # ---- construction --------------------------------------------------------------------------------
 
@@ -201,6 +220,12 @@ class QuantConfig:
         kwargs["rules"] = rules
         if d.get("attention") is not None:
             kwargs["attention"] = attention_from_dict(d["attention"])
+        layers = d.get("attention_layers") or {}
+        if not isinstance(layers, dict) or not all(isinstance(p, str) and isinstance(a, dict)
+                                                   for p, a in layers.items()):
+            raise ValueError("attention_layers must map fnmatch patterns of attention modules to attention specs, "
+                             "e.g. {'*blocks.0.attn1': {kernel: fp16}}")
+        kwargs["attention_layers"] = {p: attention_from_dict(a, f"attention_layers[{p!r}]") for p, a in layers.items()}
         if "keep_fp" in d:
             keep = d["keep_fp"]
             if isinstance(keep, str) or not all(isinstance(p, str) for p in keep):
@@ -217,6 +242,7 @@ class QuantConfig:
             "act": None if self.act is None else self.act.to_dict(),
             "rules": [r.to_dict() for r in self.rules],
             "attention": None if self.attention is None else self.attention.to_dict(),
+            "attention_layers": {p: a.to_dict() for p, a in self.attention_layers.items()},
             "keep_fp": list(self.keep_fp),
             "timestep_arg": self.timestep_arg,
             "max_timestep": self.max_timestep,

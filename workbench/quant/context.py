@@ -113,9 +113,13 @@ MODES = ("observe", "quantize", "off")
 
 
 def _quantizers(model: nn.Module) -> list[nn.Module]:
+    """Every Quantizer, and every QuantAttention running the quantized attention kernel (its `mode` switches
+    the kernel like an activation quantizer's)."""
+    from .attention import QuantAttention
     from .quantizer import Quantizer
 
-    return [m for m in model.modules() if isinstance(m, Quantizer)]
+    return [m for m in model.modules()
+            if isinstance(m, Quantizer) or (isinstance(m, QuantAttention) and m.spec.kernel is not None)]
 
 
 def set_mode(model: nn.Module, mode: str, weights: bool = True, activations: bool = True) -> None:
