@@ -132,6 +132,9 @@ class QuantAttention(nn.Module):
         # the kernel's on/off switch, set with the activation quantizers' modes (`quant.context`): the kernel
         # runs only in "quantize"; "observe" and "off" give full-precision attention, like a pass-through quantizer
         self.mode = "quantize"
+        # kernel P.V format -> relative error of each call against full precision (`measuring_kernels`);
+        # while set, the module passes full-precision attention on
+        self.measure: dict[str, list[float]] | None = None
 
     is_weight = False  # for quant.context's mode switches: the kernel quantizes activations
 
@@ -141,19 +144,38 @@ class QuantAttention(nn.Module):
     @property
     def active(self) -> bool:
         """Whether attention must be computed here (else the original attention function runs)."""
-        return (self.capture or self.explicit or (self.spec.kernel is not None and self.mode == "quantize")
+        return (self.capture or self.explicit or self.measure is not None
+                or (self.spec.kernel is not None and self.mode == "quantize")
                 or any(q.mode != "off" for q in self.quantizers().values()))
+
+    def kernel_applies(self, query: torch.Tensor, key: torch.Tensor, attn_mask: torch.Tensor | None, dropout_p: float,
+                       is_causal: bool) -> bool:
+        """Whether the quantized attention kernel takes this call: no mask, dropout or causality, equal head
+        counts, head_dim 16-128, at least `kernel_min_tokens` queries and keys."""
+        n = self.spec.kernel_min_tokens
+        return (attn_mask is None and dropout_p == 0.0 and not is_causal and query.shape[-1] in KERNEL_HEAD_DIMS
+                and key.shape[-3] == query.shape[-3] and min(query.shape[-2], key.shape[-2]) >= max(1, n))
 
     def _kernel(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
                 dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool) -> torch.Tensor:
         """The quantized attention kernel where it applies (`AttentionSpec.kernel`), else full precision."""
-        n = self.spec.kernel_min_tokens
-        if (attn_mask is None and dropout_p == 0.0 and not is_causal and query.shape[-1] in KERNEL_HEAD_DIMS
-                and key.shape[-3] == query.shape[-3] and min(query.shape[-2], key.shape[-2]) >= max(1, n)):
-            import workbench.kernels.ops  # noqa: F401 - registers torch.ops.workbench.quant_attention
-            return torch.ops.workbench.quant_attention(query, key, value, scale, self.spec.kernel)
+        if self.kernel_applies(query, key, attn_mask, dropout_p, is_causal):
+            return _kernel_call(query, key, value, scale, self.spec.kernel)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+
+    def _measure_kernels(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attn_mask: torch.Tensor | None, dropout_p: float, is_causal: bool, scale: float | None,
+                         enable_gqa: bool) -> torch.Tensor:
+        """Full-precision attention (returned), and each kernel P.V format's relative error against it."""
+        fp = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                            is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        if self.kernel_applies(query, key, attn_mask, dropout_p, is_causal):
+            ref = fp.double()
+            for pv in KERNEL_PV:
+                out = _kernel_call(query, key, value, scale, pv).double()
+                self.measure.setdefault(pv, []).append(float((out - ref).norm() / ref.norm().clamp_min(1e-30)))
+        return fp
 
     def forward(
         self,
@@ -166,6 +188,8 @@ class QuantAttention(nn.Module):
         scale: float | None = None,
         enable_gqa: bool = False,
     ) -> torch.Tensor:
+        if self.measure is not None:
+            return self._measure_kernels(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         if self.spec.kernel is not None and self.mode == "quantize" and not (self.capture or self.explicit):
             return self._kernel(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         if enable_gqa and key.shape[-3] != query.shape[-3]:
@@ -204,6 +228,14 @@ class QuantAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"capture={self.capture}" if self.capture else ""
+
+
+def _kernel_call(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None,
+                 pv: str) -> torch.Tensor:
+    """workbench.kernels' quantized attention (the GPU kernel, or its CPU reference) as a custom op."""
+    import workbench.kernels.ops  # noqa: F401 - registers torch.ops.workbench.quant_attention
+
+    return torch.ops.workbench.quant_attention(query, key, value, scale, pv)
 
 
 def _merge_masks(mask: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:

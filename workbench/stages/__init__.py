@@ -12,6 +12,7 @@ Each stage reads and updates a `workbench.session.Session`, never prints or plot
 from __future__ import annotations
 
 from workbench.stages.analysis import AnalysisSettings, analyze_error_sources
+from workbench.stages.attention_kernels import AttentionKernelSettings, choose_attention_kernels
 from workbench.stages.calibration import (
     CalibrationCache,
     CalibrationEntry,
@@ -35,6 +36,7 @@ from workbench.stages.s2q import SalientSelectionSettings, SparseTokenSettings, 
 __all__ = [
     "STAGES",
     "AnalysisSettings",
+    "AttentionKernelSettings",
     "CalibrationCache",
     "CalibrationEntry",
     "CalibrationSettings",
@@ -56,6 +58,7 @@ __all__ = [
     "calibrate_ranges",
     "calibration_from_inputs",
     "calibration_prompts",
+    "choose_attention_kernels",
     "collect_calibration",
     "collect_layer_inputs",
     "distill",

@@ -105,6 +105,18 @@ def mixed_precision_figures(report) -> list[go.Figure]:
     return figs
 
 
+def attention_kernel_figures(report) -> list[go.Figure]:
+    """Per attention module: relative error of fp8 and fp16 P.V against full precision, the tolerance, the choice."""
+    rows = report.tables.get("modules", [])
+    if not rows:
+        return []
+    fig = grouped_bars(rows, "module", ["err_fp8", "err_fp16"],
+                       "Quantized attention: error vs full precision per module (choice in the table)",
+                       ytitle="relative error")
+    fig.add_hline(y=report.settings["tolerance"], line_dash="dash", annotation_text="tolerance")
+    return [fig, table_figure(rows, "Attention kernel per module")]
+
+
 def generic_figures(report) -> list[go.Figure]:
     return [table_figure(rows, f"{report.name}: {name}") for name, rows in report.tables.items() if rows]
 
