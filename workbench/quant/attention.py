@@ -132,8 +132,8 @@ class QuantAttention(nn.Module):
         # the kernel's on/off switch, set with the activation quantizers' modes (`quant.context`): the kernel
         # runs only in "quantize"; "observe" and "off" give full-precision attention, like a pass-through quantizer
         self.mode = "quantize"
-        # kernel P.V format -> relative error of each call against full precision (`measuring_kernels`);
-        # while set, the module passes full-precision attention on
+        # kernel P.V format -> relative error of each call against full precision (set by the stage
+        # `choose_attention_kernels`); while set, the module passes full-precision attention on
         self.measure: dict[str, list[float]] | None = None
 
     is_weight = False  # for quant.context's mode switches: the kernel quantizes activations
@@ -161,15 +161,13 @@ class QuantAttention(nn.Module):
         """The quantized attention kernel where it applies (`AttentionSpec.kernel`), else full precision."""
         if self.kernel_applies(query, key, attn_mask, dropout_p, is_causal):
             return _kernel_call(query, key, value, scale, self.spec.kernel)
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        return _full_precision(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
     def _measure_kernels(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          attn_mask: torch.Tensor | None, dropout_p: float, is_causal: bool, scale: float | None,
                          enable_gqa: bool) -> torch.Tensor:
         """Full-precision attention (returned), and each kernel P.V format's relative error against it."""
-        fp = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                            is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        fp = _full_precision(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         if self.kernel_applies(query, key, attn_mask, dropout_p, is_causal):
             ref = fp.double()
             for pv in KERNEL_PV:
@@ -228,6 +226,13 @@ class QuantAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"capture={self.capture}" if self.capture else ""
+
+
+def _full_precision(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
+                    dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool) -> torch.Tensor:
+    """torch's own SDPA (not a patched one): the kernel modes' full-precision path."""
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                          is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
 
 
 def _kernel_call(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None,
