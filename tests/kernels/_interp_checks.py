@@ -277,6 +277,18 @@ for _grp, _act in ((128, None), (256, None), (128, "gelu_tanh")):
     check(_mk4p())
 
 
+for _k, _act in ((96, None), (256, "gelu_tanh")):
+    def _mk4c(k=_k, act=_act):
+        def fn():
+            x = torch.randn(2, 21, k, generator=_g(70 + k))
+            return _w4a8_check(k, act, x, 48, {"BLOCK_N": 16, "BLOCK_M": 32}, seed=71 + k)
+        fn.__name__ = f"w4a8_per_channel_k{k}_{act or 'none'}"
+        fn.__doc__ = (f"W4A8 with one scale per output channel (the int32-accumulator path), K={k}: several K "
+                      "steps (the largest of 128 / 64 / 32 dividing K) accumulate exactly before the scale.")
+        return fn
+    check(_mk4c())
+
+
 # ------------------------------------------------------------------------------ fused quantizers
 
 def _quant_check(name: str, fp8: bool) -> Tuple[float, float]:

@@ -58,6 +58,15 @@ def test_scaled_mm_op_asymmetric_activations():
                                       "test_aot_dispatch_dynamic"))
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["int8", "fp8"])
+def test_quantize_rows_op_is_the_reference(fp8):
+    x = torch.randn(9, 200, generator=torch.Generator().manual_seed(2)) * 3
+    q, s = torch.ops.workbench.quantize_rows(x, fp8)
+    rq, rs = (R.quantize_per_token_fp8 if fp8 else R.quantize_per_token_int8)(x)
+    assert q.dtype == rq.dtype and torch.equal(q.float(), rq.float()) and torch.equal(s, rs)
+    torch.library.opcheck(torch.ops.workbench.quantize_rows.default, (x, fp8))
+
+
 def test_w4a8_op_is_the_reference_and_checks_k():
     g = torch.Generator().manual_seed(1)
     x, w = torch.randn(9, 256, generator=g), torch.randn(32, 256, generator=g)

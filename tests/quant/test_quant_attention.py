@@ -237,3 +237,42 @@ def test_kernel_spec_is_checked_and_round_trips():
     assert QuantConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="attention_layers must map"):
         QuantConfig.from_dict({"attention_layers": ["blocks.0.*"]})
+
+
+def _saved_bytes(fn):
+    """Bytes of the distinct storages autograd saves for the backward pass while fn runs."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+@pytest.mark.parametrize("p_spec", [None, QuantSpec("int8", "tensor", dynamic=True)], ids=["no_p", "p_int8"])
+def test_chunks_are_recomputed_in_backward_not_kept(p_spec):
+    """With gradients, each query chunk's scores and P are recomputed in backward (one chunk alive at a time)
+    instead of saved: what is saved stays O(S D) while the S x S matrix is not; the gradients are unchanged."""
+    spec = AttentionSpec(q=QuantSpec("int8", "token", dynamic=True), k=QuantSpec("int8", "token", dynamic=True),
+                         v=QuantSpec("int8", "token", dynamic=True), p=p_spec)
+    q, k, v = (t.requires_grad_() for t in _qkv(b=1, h=2, sq=64, sk=64, d=8, seed=3))
+    qa = QuantAttention(spec)
+    qa.chunk_elements = 2 * 64 * 8  # 8 query rows per chunk, 8 chunks
+    out, saved = _saved_bytes(lambda: qa(q, k, v))
+    scores_bytes = 2 * 64 * 64 * 4
+    assert saved < scores_bytes, f"{saved} bytes saved for backward: the {scores_bytes}-byte score matrix is kept"
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    ref_qa = QuantAttention(spec)
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    # reference: the same chunks without recomputation (grad through a plain loop over _chunk)
+    outs = [ref_qa._chunk(ref_qa.q_quantizer(q2)[..., i:i + 8, :], ref_qa.k_quantizer(k2), ref_qa.v_quantizer(v2),
+                          None, 8 ** -0.5, 0.0)[0] for i in range(0, 64, 8)]
+    ref_out = torch.cat(outs, -2)
+    torch.testing.assert_close(out, ref_out)
+    for g, r in zip(grads, torch.autograd.grad(ref_out.square().sum(), (q2, k2, v2))):
+        torch.testing.assert_close(g, r)
+    _, saved_no_grad = _saved_bytes(lambda: qa(q.detach(), k.detach(), v.detach()))
+    assert saved_no_grad == 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -141,11 +142,13 @@ class _FusedGELU(nn.Module):
 
 
 def swap_ours(model: nn.Module, kind: str) -> int:
-    """Replace block linears with our kernel modules (kind: w8a8, fp8, w4a8); fuse tanh-GELU where it follows."""
+    """Replace block linears with our kernel modules (kind: w8a8, fp8, w4a8 with one int4 scale per output channel as
+    in ViDiT-Q, w4a8-g128 with one per 128 input channels); fuse tanh-GELU where it follows."""
     from diffusers.models.activations import GELU
 
     make = {"w8a8": dispatch.W8A8Linear.from_linear, "fp8": dispatch.FP8Linear.from_linear,
-            "w4a8": dispatch.W4A8Linear.from_linear}[kind]
+            "w4a8": functools.partial(dispatch.W4A8Linear.from_linear, group_size=None),
+            "w4a8-g128": dispatch.W4A8Linear.from_linear}[kind]
     n = 0
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
@@ -153,8 +156,25 @@ def swap_ours(model: nn.Module, kind: str) -> int:
             if isinstance(child, GELU) and child.approximate == "tanh" and block_linear(full + ".proj", child.proj):
                 setattr(module, child_name, _FusedGELU(make(child.proj, activation="gelu_tanh")))
                 n += 1
-    n += dispatch.swap_linears(model, make, block_or_adaln_linear if kind == "w4a8" else block_linear)
+    n += dispatch.swap_linears(model, make, block_or_adaln_linear if kind.startswith("w4a8") else block_linear)
+    mark_kernel_inputs(model)
     return n  # under torch.compile the modules trace to torch.ops.workbench.* (see kernels/ops.py): no graph breaks
+
+
+def mark_kernel_inputs(model: nn.Module) -> int:
+    """Flag the quantized linear that follows a fused GEMM+GELU in a feed-forward (diffusers' FeedForward.net:
+    act, dropout, linear) to quantize its input with the one-pass row kernel (`input_from_kernel`); returns how many."""
+    n = 0
+    for module in model.modules():
+        children = list(module.children())
+        for i, child in enumerate(children):
+            if not isinstance(child, _FusedGELU):
+                continue
+            nxt = next((c for c in children[i + 1:] if not isinstance(c, (nn.Dropout, nn.Identity))), None)
+            if isinstance(nxt, dispatch.KERNEL_LINEARS):
+                nxt.input_from_kernel = True
+                n += 1
+    return n
 
 
 def swap_torchao(model: nn.Module, kind: str) -> None:
@@ -203,7 +223,7 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:
         b.compile(backend=backend)
 
 
-OURS_QUANT = ("w8a8", "fp8", "w4a8")
+OURS_QUANT = ("w8a8", "fp8", "w4a8", "w4a8-g128")
 
 
 @dataclass
@@ -211,7 +231,7 @@ class Variant:
     """One row of the table: how the linears are quantized, how attention runs, whether blocks are compiled."""
 
     name: str
-    quant: str | None = None  # ours: w8a8 / fp8 / w4a8; torchao: ao-int8 / ao-fp8
+    quant: str | None = None  # ours: w8a8 / fp8 / w4a8 (per channel) / w4a8-g128; torchao: ao-int8 / ao-fp8
     qattn: bool = False  # our quantized attention for long self-attention
     compiled: bool = False
     sdpa: str | None = None  # SDPA backend forced while compiling and running: "cudnn" / "flash"
@@ -245,6 +265,7 @@ VARIANTS = [
     Variant("ours W8A8", "w8a8"),
     Variant("ours W8A8 + qattn", "w8a8", qattn=True),
     Variant("ours W4A8", "w4a8"),
+    Variant("ours W4A8 g128, compiled", "w4a8-g128", compiled=True),
 ]
 REFERENCE = "bf16 eager"  # every row's error is measured against this variant's output
 BY_NAME = {v.name: v for v in VARIANTS}

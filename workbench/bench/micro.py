@@ -129,6 +129,7 @@ def run_checks(quick: bool) -> None:
         wq, ws = R.quantize_per_channel_int8(w)
         wf, wfs = R.quantize_per_channel_fp8(w)
         wp, wg = R.quantize_weight_int4_grouped(w, 128)
+        wpc, wgc = R.quantize_weight_int4_grouped(w, k)
         impls = ("tma", "ptr")
         for impl in impls:
             guarded(f"w8a8 {impl} {k}x{n}", lambda impl=impl: check(
@@ -148,6 +149,9 @@ def run_checks(quick: bool) -> None:
         guarded(f"w4a8 {k}x{n}", lambda: check(
             f"w4a8_linear M={m} K={k} N={n} g=128 +bias", w4a8_linear_triton(x, wp, wg, b),
             R.w4a8_linear_ref(x, wp, wg, b), 2e-3))
+        guarded(f"w4a8 per-channel {k}x{n}", lambda: check(
+            f"w4a8_linear M={m} K={k} N={n} per channel +bias", w4a8_linear_triton(x, wpc, wgc, b),
+            R.w4a8_linear_ref(x, wpc, wgc, b), 2e-3))
         xq, xs = R.quantize_per_token_int8(x)
         guarded(f"int8_scaled_mm M=1 {k}x{n}", lambda: check(
             f"int8_scaled_mm M=1 K={k} N={n}", int8_scaled_mm(xq[:1], xs[:1], wq, ws, b),
@@ -280,7 +284,7 @@ def bench_linears(quick: bool, budget: float, models: List[str]) -> None:
     from workbench.kernels.act_quant import quantize_rows
     from workbench.kernels.int8_gemm import int8_scaled_mm, w8a8_linear_triton
     from workbench.kernels.fp8_gemm import fp8_scaled_mm, fp8_linear_triton
-    from workbench.kernels.w4a8_gemm import w4a8_linear_triton
+    from workbench.kernels.w4a8_gemm import w4a8_linear_triton, w4a8_scaled_mm
 
     cfgs = {"CogVideoX-2B": (17776 + 226, [(1920, 1920, "qkv/out"), (1920, 7680, "ff1"), (7680, 1920, "ff2")]),
             "Wan2.1-1.3B": (32760, [(1536, 1536, "qkv/out"), (1536, 8960, "ff1"), (8960, 1536, "ff2")])}
@@ -304,10 +308,11 @@ def bench_linears(quick: bool, budget: float, models: List[str]) -> None:
                 wq, ws = R.quantize_per_channel_int8(w)
                 wf, wfs = R.quantize_per_channel_fp8(w)
                 wp, wg = R.quantize_weight_int4_grouped(w, 128)
+                wpc, wgc = R.quantize_weight_int4_grouped(w, k)
                 xq, xs = quantize_rows(x)
                 xf8, xfs = quantize_rows(x, fp8=True)
                 sets.append(dict(x=x, w=w, b=b, wq=wq, ws=ws, wqt=wq.t(), wf=wf, wfs=wfs, wft=wf.t(), wp=wp, wg=wg,
-                                 xq=xq, xs=xs, xf8=xf8, xfs=xfs))
+                                 wpc=wpc, wgc=wgc, xq=xq, xs=xs, xf8=xf8, xfs=xfs))
             rot = Rotator(sets)
             s0 = sets[0]
             exact = (s0["x"].float() @ s0["w"].float().t() + s0["b"].float())
@@ -415,6 +420,18 @@ def bench_linears(quick: bool, budget: float, models: List[str]) -> None:
 
             time_variant(model, shape, "ours W4A8 g128 (incl. act quant)", mk(ours_w4a8), flops, base,
                          rel_of(ours_w4a8), quick, budget)
+
+            def ours_w4a8_channel(s):
+                return w4a8_linear_triton(s["x"], s["wpc"], s["wgc"], s["b"])
+
+            time_variant(model, shape, "ours W4A8 per channel (incl. act quant)", mk(ours_w4a8_channel), flops, base,
+                         rel_of(ours_w4a8_channel), quick, budget)
+
+            def ours_w4a8_channel_gemm(s):
+                return w4a8_scaled_mm(s["xq"], s["xs"], s["wpc"], s["wgc"], s["b"])
+
+            time_variant(model, shape, "ours W4A8 per channel gemm only (act quant fused upstream)",
+                         mk(ours_w4a8_channel_gemm), flops, base, None, quick, budget)
 
             def act_quant(s):
                 return quantize_rows(s["x"])

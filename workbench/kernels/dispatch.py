@@ -146,6 +146,9 @@ class _QuantLinearBase(nn.Module):
             in_features, out_features, activation, out_dtype
         self.backend = Backend.parse(backend)
         self.set_bias(torch.zeros(out_features, device=device) if bias else None)
+        # under torch.compile: quantize the input with the one-pass row kernel (an opaque op) rather than in plain
+        # torch; for inputs an opaque kernel produced, where Inductor has no producer to fuse the quantization into
+        self.input_from_kernel = False
 
     def set_bias(self, bias: Optional[torch.Tensor]) -> None:
         """Store `bias` (a copy, frozen) or None."""
@@ -165,7 +168,10 @@ class _QuantLinearBase(nn.Module):
             out = op(xq, xs, *weights, self.bias, self.activation, ref.linear_out_dtype(x), self.backend.value,
                      xz, self.weight_sum)
         else:
-            xq, xs = ops.quantize_tokens(x, fp8)
+            if self.input_from_kernel:
+                xq, xs = torch.ops.workbench.quantize_rows(x.reshape(-1, x.shape[-1]), fp8, self.backend.value)
+            else:
+                xq, xs = ops.quantize_tokens(x, fp8)
             out = op(xq, xs, *weights, self.bias, self.activation, ref.linear_out_dtype(x), self.backend.value)
         return out.reshape(*x.shape[:-1], self.out_features)
 
@@ -269,10 +275,11 @@ class FP8Linear(_QuantLinearBase):
 class W4A8Linear(_QuantLinearBase):
     """Drop-in nn.Linear replacement: group-wise int4 weights (packed 2/byte), per-token int8 activations."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: Optional[int] = 128,
                  activation: Optional[str] = None, out_dtype: torch.dtype = torch.bfloat16,
                  device: Optional[torch.device] = None, backend: Backend | str = Backend.AUTO) -> None:
         super().__init__()
+        group_size = in_features if group_size is None else group_size  # None: one scale per output channel
         if in_features % group_size:
             raise ValueError(f"in_features={in_features} must be a multiple of group_size={group_size}")
         self.group_size = group_size
@@ -283,12 +290,13 @@ class W4A8Linear(_QuantLinearBase):
         self._init_common(in_features, out_features, bias, activation, out_dtype, device, backend)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = 128, activation: Optional[str] = None,
+    def from_linear(cls, linear: nn.Linear, group_size: Optional[int] = 128, activation: Optional[str] = None,
                     backend: Backend | str = Backend.AUTO) -> "W4A8Linear":
-        """Quantize an nn.Linear to symmetric group-wise int4 (scale absmax/7 per group of group_size)."""
+        """Quantize an nn.Linear to symmetric int4, scale absmax/7 per group of group_size input channels (None: per
+        output channel, the kernel's int32-accumulator path: no per-group work in its main loop)."""
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, activation,
                   _weight_dtype(linear), linear.weight.device, backend)
-        mod.weight_packed, mod.weight_scales = ref.quantize_weight_int4_grouped(linear.weight.detach(), group_size)
+        mod.weight_packed, mod.weight_scales = ref.quantize_weight_int4_grouped(linear.weight.detach(), mod.group_size)
         mod.set_bias(linear.bias)
         return mod
 

@@ -77,6 +77,24 @@ def _quant_attention_fake(q, k, v, sm_scale, pv_dtype, backend="auto"):  # noqa:
     return q.new_empty(q.shape)
 
 
+@custom_op("workbench::quantize_rows", mutates_args=())
+def quantize_rows(x: torch.Tensor, fp8: bool, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row int8 / e4m3 codes and fp32 scales of a 2-d x in one pass (the Triton row kernel), opaque to Inductor.
+    For inputs that an opaque kernel produced (a GEMM with GELU in its epilogue): there is no producer to fuse
+    into, and Inductor's looped reduction over a long row reads it twice."""
+    CALLS["quantize_rows"] += 1
+    if use_triton("ops.quantize_rows", "fp8" if fp8 else "int8", x.device, backend):
+        from .act_quant import quantize_rows as triton_quantize_rows
+        return triton_quantize_rows(x, fp8)
+    return ref.quantize_per_token_fp8(x) if fp8 else ref.quantize_per_token_int8(x)
+
+
+@quantize_rows.register_fake
+def _quantize_rows_fake(x, fp8, backend="auto"):  # noqa: ANN001, ANN202
+    return (x.new_empty(x.shape, dtype=ref.FP8_DTYPE if fp8 else torch.int8),
+            x.new_empty(x.shape[:-1], dtype=torch.float32))
+
+
 def quantize_tokens(x: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token quantization in plain torch (the reference math) so that Inductor fuses it into the producer."""
     x2 = x.reshape(-1, x.shape[-1])

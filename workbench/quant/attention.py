@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .quantizer import QuantSpec, Quantizer
 
@@ -202,27 +203,43 @@ class QuantAttention(nn.Module):
             causal = torch.ones(s_q, s_k, dtype=torch.bool, device=query.device).tril()
             attn_mask = causal if attn_mask is None else _merge_masks(attn_mask, causal)
         rows = max(1, chunk_budget(self.chunk_elements, query.device) // max(1, query[..., 0, 0].numel() * s_k))
-        k_t = k.transpose(-2, -1)
+        # With gradients, autograd would keep every chunk's scores and P (the whole S x S matrix, several bytes an
+        # element: 30+ GiB at 32k tokens); each chunk is then recomputed in the backward pass instead, so one
+        # chunk's temporaries are alive at a time. Not while the P quantizer observes (it would see P twice).
+        recompute = (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+                     and (self.p_quantizer is None or self.p_quantizer.mode != "observe"))
         outs, col_sum = [], None
         for start in range(0, s_q, rows):
             stop = min(start + rows, s_q)
-            scores = (q[..., start:stop, :] @ k_t).float() * scale
+            mask = None
             if attn_mask is not None:
                 mask = attn_mask if attn_mask.dim() < 2 or attn_mask.shape[-2] == 1 else attn_mask[..., start:stop, :]
-                scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-            p = scores.softmax(-1)
-            if dropout_p > 0.0:
-                p = F.dropout(p, dropout_p)
-            if self.capture:
-                part = p.detach().sum(-2)
+            q_chunk = q[..., start:stop, :]
+            if recompute:
+                out, part = checkpoint(self._chunk, q_chunk, k, v, mask, scale, dropout_p, use_reentrant=False)
+            else:
+                out, part = self._chunk(q_chunk, k, v, mask, scale, dropout_p)
+            if part is not None:
                 col_sum = part if col_sum is None else col_sum + part
-            p = p.to(v.dtype)
-            if self.p_quantizer is not None:
-                p = self.p_quantizer(p)
-            outs.append(p @ v)
+            outs.append(out)
         if self.capture and col_sum is not None:
             self.captured.append(col_sum / s_q)
         return torch.cat(outs, dim=-2)
+
+    def _chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+               dropout_p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One query chunk: fq(P) V, and (capture) the column sums of P over its queries."""
+        scores = (q @ k.transpose(-2, -1)).float() * scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        p = scores.softmax(-1)
+        if dropout_p > 0.0:
+            p = F.dropout(p, dropout_p)
+        part = p.detach().sum(-2) if self.capture else None
+        p = p.to(v.dtype)
+        if self.p_quantizer is not None:
+            p = self.p_quantizer(p)
+        return p @ v, part
 
     def extra_repr(self) -> str:
         return f"capture={self.capture}" if self.capture else ""
