@@ -202,8 +202,7 @@ def test_a_unit_made_worse_is_warned_and_noted():
 
 def test_forward_chunks_are_sized_by_tokens():
     """Forward-only passes (block inputs, targets, errors, S2Q's token weights) take CHUNK_TOKENS tokens a call:
-    16 rows of a small model, 2 rows of Wan2.1-1.3B's 32,760-token videos (16 took its S2Q distillation to 2.3x
-    the FP pipeline's peak memory on an H200)."""
+    16 rows of a small model, 2 rows of Wan2.1-1.3B's 32,760-token videos."""
     from workbench.stages.distill.rows import CHUNK_ROWS, chunk_rows
 
     def batch_of(tokens, channels=8):
@@ -214,3 +213,46 @@ def test_forward_chunks_are_sized_by_tokens():
     assert chunk_rows(batch_of(18002)) == 3
     assert chunk_rows(batch_of(10**6)) == 1
     assert chunk_rows(lambda idx: {"x": 3}) == CHUNK_ROWS
+
+
+@pytest.mark.parametrize("mode", ["block", "e2e"])
+def test_chunked_training_steps_give_the_same_gradient(mode, monkeypatch):
+    """train_chunk_tokens below a step's tokens: every backward pass sees at most that many tokens' rows (one chunk's
+    activations alive), one more forward runs a step, and each step's gradient is the one-pass gradient."""
+    from workbench.stages.distill.rows import call_tokens
+
+    first_grads, widest, passes = [], [], []
+    orig_step = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        if len(first_grads) < len(widest) + 1:
+            first_grads.append([p.grad.clone() for g in self.param_groups for p in g["params"] if p.grad is not None])
+        return orig_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    for chunk in (0, 1):  # 0: never chunk; 1 token: one row per pass
+        s = fresh()
+        rows_seen, n = [], [0]
+
+        def hook(module, args, kwargs):
+            x = next(v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() >= 2)
+            if torch.is_grad_enabled():
+                rows_seen.append(x.shape[0])
+            n[0] += 1
+
+        unit = s.qtransformer if mode == "e2e" else s.qtransformer.get_submodule("blocks.0")
+        h = unit.register_forward_pre_hook(hook, with_kwargs=True)
+        run_distillation(s, DistillSettings(mode=mode, iters=2, batch_size=4, lr=1e-2, scale_lr=1e-2, train=["scales"],
+                                            blocks=BLOCK if mode == "block" else None, eval_rows=0,
+                                            train_chunk_tokens=chunk, seed=3))
+        h.remove()
+        widest.append(max(rows_seen))
+        passes.append(n[0])
+    assert widest == [4, 1]  # the chunked run back-propagated one row at a time
+    assert passes[1] > passes[0]
+    assert len(first_grads[0]) == len(first_grads[1]) > 0
+    for a, b in zip(*first_grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * float(a.abs().max()))  # fp32 summation order
+    assert call_tokens(lambda idx: {"hidden_states": torch.zeros(len(idx), 7, 3, 5)}) == 21
+    with pytest.raises(ValueError, match="train_chunk_tokens"):
+        DistillSettings(train_chunk_tokens=-1)

@@ -99,15 +99,21 @@ class RowSplit:
             return local
         return _GatherRows.apply(local, row_counts(int(idx.numel()), world()), rank())
 
+    @property
+    def loss_scale(self) -> int:
+        """What the whole-batch loss is multiplied by before backward (FSDP2 averages gradients over ranks)."""
+        return world() if self.kind == "fsdp" else 1
+
+    def finish(self, params: Sequence[nn.Parameter]) -> None:
+        """After all backward calls of a step: sum replicated parameters' gradients over ranks ("allreduce")."""
+        if self.kind == "allreduce":
+            all_reduce_grads(params)
+
     def backward(self, loss: torch.Tensor, params: Sequence[nn.Parameter]) -> None:
         """Backward of the whole-batch `loss` (identical on every rank) leaving the one-process gradient in
         every trainable parameter (sharded or replicated)."""
-        if self.kind == "fsdp":
-            (loss * world()).backward()
-        else:
-            loss.backward()
-            if self.kind == "allreduce":
-                all_reduce_grads(params)
+        (loss * self.loss_scale).backward()
+        self.finish(params)
 
 
 __all__ = ["KINDS", "RowSplit", "all_reduce_grads", "row_counts"]

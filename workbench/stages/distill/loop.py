@@ -55,8 +55,9 @@ from workbench.io.checkpoint import fingerprint
 from workbench.stages import interrupt
 from workbench.stages.distill.checkpoint import LoopCheckpoint, OptimizerRestore
 from workbench.stages.distill.losses import Term, TermContext, weighted_rel_mse
-from workbench.stages.distill.rows import (Rows, bind_call, first_block_calls, has_timestep_wise, hidden_leaf,
-                                           propagate, run_unit, sample_rows, select_rows, to_cpu, unit_error)
+from workbench.stages.distill.rows import (Rows, bind_call, call_tokens, first_block_calls, has_timestep_wise,
+                                           hidden_leaf, propagate, run_unit, sample_rows, select_rows, to_cpu,
+                                           unit_error)
 from workbench.stages.distill.settings import DistillDivergedError, DistillSettings
 from workbench.stages.distill.trainable import param_groups, post_step
 from workbench.io.plain import plain
@@ -354,9 +355,8 @@ def train_unit(loop: LoopState, job: UnitJob) -> None:
                 idx = sample_rows(loop.generator, n, s.batch_size, job.row_ts, split)
                 for g, lr in zip(opt.param_groups, base_lrs):
                     g["lr"] = lr * _lr_factor(s, it)
-                total, parts = _loss(loop, job, idx, it, split, mode)
                 opt.zero_grad(set_to_none=True)
-                loop.split.backward(total, params)
+                total, parts = _step_gradient(loop, job, idx, it, split, mode, params)
                 if s.grad_clip is not None:
                     gn = sharding.full_tensor(torch.nn.utils.clip_grad_norm_(params, s.grad_clip))
                     if not torch.isfinite(gn):
@@ -394,11 +394,43 @@ def train_unit(loop: LoopState, job: UnitJob) -> None:
     result.seconds += time.perf_counter() - t0
 
 
+def train_rows(batch: Callable[[torch.Tensor], dict[str, Any]], tokens: int) -> int | None:
+    """Rows per forward + backward pass of a training step: `tokens` tokens' worth, at least 1 (None: no limit)."""
+    return None if tokens <= 0 else max(1, tokens // call_tokens(batch))
+
+
+def _step_gradient(loop: LoopState, job: UnitJob, idx: torch.Tensor, it: int, split: bool, mode: str,
+                   params: list[nn.Parameter]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One step's loss and its parts, with the gradient of the loss left in `params`. When this rank's rows hold
+    more than `train_chunk_tokens` tokens: a no-grad forward of all rows gives the loss and its gradient with
+    respect to the unit's output, then each chunk of rows is run again and back-propagates its part of that
+    gradient (the same gradient as one pass; one chunk's activations alive at a time)."""
+    local = loop.split.rows(idx)
+    per = train_rows(job.batch, loop.settings.train_chunk_tokens)
+    if per is None or local.numel() <= per:
+        total, parts = _loss(loop, job, idx, it, split, mode)
+        loop.split.backward(total, params)
+        return total, parts
+    chunks = local.split(per)
+    with torch.no_grad():
+        out = torch.cat([run_unit(job.module, job.batch, c, job.row_ts, split) for c in chunks])
+    leaf = out.requires_grad_()
+    total, parts = _loss(loop, job, idx, it, split, mode, pred=loop.split.gather(leaf, idx))
+    (grad,) = torch.autograd.grad(total * loop.split.loss_scale, leaf)
+    del leaf, out
+    for c, g in zip(chunks, grad.split(per)):
+        run_unit(job.module, job.batch, c, job.row_ts, split).backward(g)
+    loop.split.finish(params)
+    return total.detach(), {k: v.detach() for k, v in parts.items()}
+
+
 def _loss(loop: LoopState, job: UnitJob, idx: torch.Tensor, it: int, split: bool,
-          mode: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Total loss of one step and its parts (reconstruction first); NaN/inf raises DistillDivergedError."""
+          mode: str, pred: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Total loss of one step and its parts (reconstruction first); NaN/inf raises DistillDivergedError.
+    pred: the unit's output for rows idx when already computed (else the unit runs here)."""
     s = loop.settings
-    pred = loop.split.gather(run_unit(job.module, job.batch, loop.split.rows(idx), job.row_ts, split), idx)
+    if pred is None:
+        pred = loop.split.gather(run_unit(job.module, job.batch, loop.split.rows(idx), job.row_ts, split), idx)
     tgt = job.target[idx].to(pred.device)
     w = None if job.weights is None else job.weights[idx].to(pred.device)
     ctx = TermContext(pred, tgt, job.name, it, job.row_ts[idx], w, loop.grid, mode, loop.generator)

@@ -17,14 +17,18 @@ CHUNK_ROWS = 16  # at most this many rows per forward-only call (block inputs, t
 CHUNK_TOKENS = 16 * 4096  # and at most about this many tokens: 16 rows of a small model, 2 of Wan2.1's 32,760
 
 
-def chunk_rows(batch: Callable[[torch.Tensor], dict[str, Any]]) -> int:
-    """Rows per forward-only call of a unit: CHUNK_TOKENS tokens' worth (at least 1, at most CHUNK_ROWS), so that
-    a block's activations for the chunk stay small next to the model: 16 rows of 32,760 tokens through a
-    Wan2.1-1.3B block took the S2Q distillation to 2.3x the FP pipeline's peak memory on an H200."""
+def call_tokens(batch: Callable[[torch.Tensor], dict[str, Any]]) -> int:
+    """Tokens one row of a unit's calls holds (its first tensor argument of 2+ dims, without the channel dim)."""
     call = batch(torch.arange(1))
     hidden = next((v for v in call.values() if isinstance(v, torch.Tensor) and v.dim() >= 2), None)
-    tokens = 1 if hidden is None else max(1, hidden[0].numel() // hidden.shape[-1])
-    return max(1, min(CHUNK_ROWS, CHUNK_TOKENS // tokens))
+    return 1 if hidden is None else max(1, hidden[0].numel() // hidden.shape[-1])
+
+
+def chunk_rows(batch: Callable[[torch.Tensor], dict[str, Any]]) -> int:
+    """Rows per forward-only call of a unit: CHUNK_TOKENS tokens' worth (at least 1, at most CHUNK_ROWS), so that
+    a block's activations for the chunk stay small next to the model (16 rows of Wan2.1's 32,760 tokens through
+    a block hold 9.4 GB of FFN activations alone). Training steps chunk by `DistillSettings.train_chunk_tokens`."""
+    return max(1, min(CHUNK_ROWS, CHUNK_TOKENS // call_tokens(batch)))
 
 
 class Rows:
@@ -215,6 +219,6 @@ def unit_error(unit: nn.Module, batch: Callable, target: torch.Tensor, idx: torc
     return num / den if den > 0 else num
 
 
-__all__ = ["CHUNK_ROWS", "CHUNK_TOKENS", "Rows", "bind_call", "chunk_rows", "first_block_calls", "has_timestep_wise",
+__all__ = ["CHUNK_ROWS", "CHUNK_TOKENS", "Rows", "bind_call", "call_tokens", "chunk_rows", "first_block_calls", "has_timestep_wise",
            "hidden_leaf", "output_tensor", "propagate", "run_unit", "sample_rows", "select_rows", "to_cpu",
            "unit_error"]
