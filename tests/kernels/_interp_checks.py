@@ -283,8 +283,8 @@ for _k, _act in ((96, None), (256, "gelu_tanh")):
             x = torch.randn(2, 21, k, generator=_g(70 + k))
             return _w4a8_check(k, act, x, 48, {"BLOCK_N": 16, "BLOCK_M": 32}, seed=71 + k)
         fn.__name__ = f"w4a8_per_channel_k{k}_{act or 'none'}"
-        fn.__doc__ = (f"W4A8 with one scale per output channel (the int32-accumulator path), K={k}: several K "
-                      "steps (the largest of 128 / 64 / 32 dividing K) accumulate exactly before the scale.")
+        fn.__doc__ = (f"W4A8 with one scale per output channel, K={k}: the int4 unpack kernel, then the int8 GEMM "
+                      "(exact int32 accumulation over K, the scale in its epilogue).")
         return fn
     check(_mk4c())
 

@@ -213,13 +213,14 @@ def test_fp8_production_configs(impl, shape, act):
     _fp8(shape, act, impl, TMA_CFG if impl == "tma" else PTR_CFG, True, seed=7)
 
 
-@pytest.mark.parametrize("shape,group,act", [(QKV, 128, None), (FF1, 256, "gelu_tanh"), (FF2, 128, None),
-                                             (QKV, QKV[1], None), (FF2, FF2[1], None)],
-                         ids=["qkv_g128", "ff1_g256_gelu", "ff2_g128", "qkv_per_channel", "ff2_per_channel"])
+@pytest.mark.parametrize("shape,group,act", [(QKV, 128, None), (FF1, 64, "gelu_tanh"), (FF2, 256, None),
+                                             (QKV, QKV[1], None), (FF1, FF1[1], "gelu_tanh"), (FF2, FF2[1], None)],
+                         ids=["qkv_g128", "ff1_g64_gelu", "ff2_g256", "qkv_per_channel", "ff1_per_channel_gelu",
+                              "ff2_per_channel"])
 def test_w4a8(shape, group, act):
     """W4A8 at production group sizes, autotuned: exact int32 group partials, fp32 sum over K / group groups
     (gamma(groups + 1) per side, FMA or not), x_scale, bias, GELU, bf16 rounding. group = K: one scale per
-    channel, the int32-accumulator path (one exact partial)."""
+    channel (unpacked to int8, the int8 GEMM: one exact partial)."""
     _need("int8")
     from workbench.kernels import reference as R
     from workbench.kernels.act_quant import quantize_rows

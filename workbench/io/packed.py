@@ -52,7 +52,7 @@ FORMAT_VERSION = 2
 REEXPORT = "re-export it (workbench export RUN_DIR --out DIR)"
 MANIFEST_NAME = "manifest.json"
 KERNEL_GROUP_SIZES = (256, 128, 64, 32)  # group sizes the W4A8 Triton kernel runs, largest first
-# ... and, for one range per channel (or tensor), its int32-accumulator path: K a multiple of the smallest step
+# ... and, for one range per channel (or tensor), its unpack + int8 GEMM path (K a multiple of 32)
 W4A8_PER_CHANNEL_MULTIPLE = 32
 
 
@@ -224,7 +224,7 @@ def kernel_for(
     the zero point: x W^T = s (q - z) W^T = s (q W^T - z sum_k W)). Weights must be symmetric with one range
     per tensor, channel or (W4A8) group of a size the kernel runs:
       W4A8Linear: int2..int4 weights (their codes fit int4 exactly) x symmetric int8 activations; one range per
-                  channel / tensor runs its per-channel path (group = in_features: an int32 accumulator over K);
+                  channel / tensor runs its per-channel path (group = in_features: unpacked to int8, the int8 GEMM);
       W8A8Linear: int2..int8 weights per tensor / channel x int8 or uint8 activations (where W4A8 does not);
       FP8Linear:  fp8_e4m3 weights per tensor / channel x fp8_e4m3 activations.
     Anything else (asymmetric weights, static or 6-bit activations, fp8_e5m2, weight-only ...) has no kernel.
@@ -243,7 +243,7 @@ def kernel_for(
     asym = act.format == UINT8_ASYM
     if weight_format.bits <= 4 and not asym:
         if granularity != "group" and in_features % W4A8_PER_CHANNEL_MULTIPLE == 0:
-            return KernelChoice("W4A8Linear", in_features)  # one scale per channel: the per-channel kernel
+            return KernelChoice("W4A8Linear", in_features)  # one scale per channel: unpack + the int8 GEMM
         per_range = group_size if granularity == "group" else in_features
         group = next((g for g in KERNEL_GROUP_SIZES if per_range and per_range % g == 0), None)
         if group is not None and in_features % 2 == 0:

@@ -1,14 +1,18 @@
-"""W4A8 linear: int8 per-token activations x int4 weights (per group or per channel) unpacked in the GEMM mainloop.
+"""W4A8 linear: int8 per-token activations x int4 weights, per group (unpacked in the GEMM mainloop) or per channel.
 
-The kernel computes the transposed tile C^T[BLOCK_N, BLOCK_M] = W[BLOCK_N, K] @ A[BLOCK_M, K]^T so
+Group-wise: the kernel computes the transposed tile C^T[BLOCK_N, BLOCK_M] = W[BLOCK_N, K] @ A[BLOCK_M, K]^T so
 that the freshly unpacked weights are the *A* operand of the MMA (on Hopper wgmma can read A from
 registers, so the unpacked int4->int8 tile does not need a shared-memory round trip) while the int8
 activations stream through shared memory as the K-major B operand. Each K step covers exactly one
 quantization group: the exact int32 partial sum is converted to fp32 with an integer add + fp32 sub
 (|partial| <= G*127*8 < 2**22, avoiding the slow I2F path) and accumulated as acc += part * scale[n, g].
-With one scale per output channel (PER_CHANNEL) nothing happens between K steps: the int32 accumulator runs
-over the whole K like the int8 GEMM's, so the wgmmas pipeline and the unpack is the only extra work; the scale
-is applied once in the epilogue (exact while |acc| < 2**24, i.e. K < 16,000).
+
+Per channel (one scale per output channel, e.g. ViDiT-Q's W4A8): the layer's weight is unpacked to int8 by one
+small kernel and multiplied by the int8 GEMM (`scaled_mm`, TMA + wgmma with both operands in shared memory),
+the scale applied in its epilogue. On an H200 that ran at the int8 GEMM's speed (CogVideoX-2B ff1 0.484 ms vs
+0.482 int8, 0.773 bf16; the unpack 0.02-0.05 ms), while unpacking in the mainloop with the int32 accumulator
+ran no faster than bf16 (0.779 ms): Triton waits on each register-A wgmma. Weights at rest stay 4-bit; the int8
+copy lives for one call.
 """
 
 from __future__ import annotations
@@ -23,15 +27,15 @@ from ._triton_utils import (fast_bench, gelu_tanh_f32, grouped_pid, int_to_f32_e
                             use_fast_math)
 from .act_quant import quantize_rows
 from .reference import linear_out_dtype
-from .scaled_mm import ACTIVATIONS
+from .scaled_mm import ACTIVATIONS, scaled_mm
 
 
 @triton.jit
 def _w4a8_kernel(a_ptr, w_ptr, ws_ptr, a_scale_ptr, bias_ptr, c_ptr,
                  M, N, K, M_BUCKET, stride_am, stride_wn, stride_wsn, stride_cm,
                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GROUP_M: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, ACT: tl.constexpr, FAST: tl.constexpr, PER_CHANNEL: tl.constexpr):
-    """One [BLOCK_N, BLOCK_M] output tile; the K loop walks quantization groups (PER_CHANNEL: K steps of GROUP)."""
+                 HAS_BIAS: tl.constexpr, ACT: tl.constexpr, FAST: tl.constexpr):
+    """One [BLOCK_N, BLOCK_M] output tile; the K loop walks quantization groups."""
     pid = tl.program_id(axis=0)
     pid_m, pid_n = grouped_pid(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -43,30 +47,18 @@ def _w4a8_kernel(a_ptr, w_ptr, ws_ptr, a_scale_ptr, bias_ptr, c_ptr,
     w_ptrs = w_ptr + wn[:, None] * stride_wn + offs_kp[None, :]
     a_ptrs = a_ptr + am[:, None] * stride_am + offs_k[None, :]
     s_ptrs = ws_ptr + wn * stride_wsn
-    if PER_CHANNEL:
-        acc_i = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
-        for _ in range(K // GROUP):
-            wp = tl.load(w_ptrs)
-            lo = (wp << 4).to(tl.int8, bitcast=True) >> 4
-            hi = wp.to(tl.int8, bitcast=True) >> 4
-            w = tl.reshape(tl.join(lo, hi), (BLOCK_N, GROUP))
-            acc_i = tl.dot(w, tl.load(a_ptrs).T, acc_i, out_dtype=tl.int32)
-            w_ptrs += GROUP // 2
-            a_ptrs += GROUP
-        acc = acc_i.to(tl.float32) * tl.load(s_ptrs)[:, None]
-    else:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for g in range(K // GROUP):
-            wp = tl.load(w_ptrs)                                   # uint8 [BLOCK_N, GROUP/2]
-            lo = (wp << 4).to(tl.int8, bitcast=True) >> 4           # sign-extended low nibble (even k)
-            hi = wp.to(tl.int8, bitcast=True) >> 4                  # sign-extended high nibble (odd k)
-            w = tl.reshape(tl.join(lo, hi), (BLOCK_N, GROUP))       # int8 [BLOCK_N, GROUP]
-            a = tl.load(a_ptrs)                                     # int8 [BLOCK_M, GROUP]
-            part = tl.dot(w, a.T, out_dtype=tl.int32)
-            gs = tl.load(s_ptrs + g)
-            acc += int_to_f32_exact(part) * gs[:, None]
-            w_ptrs += GROUP // 2
-            a_ptrs += GROUP
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for g in range(K // GROUP):
+        wp = tl.load(w_ptrs)                                   # uint8 [BLOCK_N, GROUP/2]
+        lo = (wp << 4).to(tl.int8, bitcast=True) >> 4           # sign-extended low nibble (even k)
+        hi = wp.to(tl.int8, bitcast=True) >> 4                  # sign-extended high nibble (odd k)
+        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, GROUP))       # int8 [BLOCK_N, GROUP]
+        a = tl.load(a_ptrs)                                     # int8 [BLOCK_M, GROUP]
+        part = tl.dot(w, a.T, out_dtype=tl.int32)
+        gs = tl.load(s_ptrs + g)
+        acc += int_to_f32_exact(part) * gs[:, None]
+        w_ptrs += GROUP // 2
+        a_ptrs += GROUP
     a_s = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
     out = acc * a_s[None, :]
     if HAS_BIAS:
@@ -88,8 +80,30 @@ W4A8_CONFIGS = [
 _tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_N": bn, "BLOCK_M": bm, "GROUP_M": 8}, num_warps=w, num_stages=s)
              for bn, bm, w, s in W4A8_CONFIGS],
-    key=["M_BUCKET", "N", "K", "GROUP", "HAS_BIAS", "ACT", "PER_CHANNEL"], do_bench=fast_bench)(_w4a8_kernel)
-PER_CHANNEL_STEPS = (128, 64, 32)  # K step of the per-channel kernel: the largest that divides K
+    key=["M_BUCKET", "N", "K", "GROUP", "HAS_BIAS", "ACT"], do_bench=fast_bench)(_w4a8_kernel)
+
+
+@triton.jit
+def _unpack_int4_kernel(p_ptr, out_ptr, n_bytes, BLOCK: tl.constexpr):
+    """uint8 bytes -> two sign-extended int8 codes each (low nibble first), the layout of reference.unpack_int4."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n_bytes
+    b = tl.load(p_ptr + offs, mask=ok, other=0)
+    lo = (b << 4).to(tl.int8, bitcast=True) >> 4
+    hi = b.to(tl.int8, bitcast=True) >> 4
+    pair = tl.join(lo, hi)                                          # [BLOCK, 2]
+    tl.store(out_ptr + (2 * offs.to(tl.int64))[:, None] + tl.arange(0, 2)[None, :], pair, mask=ok[:, None])
+
+
+def unpack_int4_triton(w_packed: torch.Tensor) -> torch.Tensor:
+    """Packed int4 [N, K/2] -> int8 codes [N, K] on the GPU (reference.unpack_int4's semantics)."""
+    w_packed = w_packed.contiguous()
+    out = torch.empty((*w_packed.shape[:-1], w_packed.shape[-1] * 2), device=w_packed.device, dtype=torch.int8)
+    n = w_packed.numel()
+    if n:
+        block = 1024
+        _unpack_int4_kernel[(triton.cdiv(n, block),)](w_packed, out, n, BLOCK=block, num_warps=4)
+    return out
 
 
 def last_best_config() -> Optional[str]:
@@ -103,7 +117,7 @@ def w4a8_scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tens
                    out_dtype: torch.dtype = torch.bfloat16, *, config: Optional[Dict[str, int]] = None
                    ) -> torch.Tensor:
     """W4A8 GEMM on pre-quantized int8 activations; semantics of reference.w4a8_scaled_mm_ref.
-    w_scales_grouped [N, K / group]; one column ([N, 1]) means per-channel scales (the int32 accumulator path)."""
+    w_scales_grouped [N, K / group]; one column ([N, 1]) means per-channel scales (unpack + the int8 GEMM)."""
     if xq.dtype != torch.int8 or w_packed.dtype != torch.uint8:
         raise ValueError(f"w4a8 needs int8 activations and uint8 packed weights, got {xq.dtype} / {w_packed.dtype}")
     m, k = xq.shape
@@ -115,10 +129,11 @@ def w4a8_scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tens
     ng = w_scales_grouped.shape[1]
     if w_scales_grouped.shape[0] != n or k % ng:
         raise ValueError(f"group scales {tuple(w_scales_grouped.shape)} do not match N={n}, K={k}")
-    per_channel = ng == 1
-    group = next((g for g in PER_CHANNEL_STEPS if k % g == 0), None) if per_channel else k // ng
-    if per_channel and group is None:
-        raise ValueError(f"w4a8 per-channel kernel needs K a multiple of 32, got K={k}")
+    if ng == 1:  # one scale per output channel: unpack to int8, then the int8 GEMM (module docstring)
+        gemm_config = config if config and "BLOCK_K" in config else None  # a W4A8 tile config does not apply
+        return scaled_mm(xq, x_scale.reshape(-1), unpack_int4_triton(w_packed), w_scales_grouped.reshape(-1).float(),
+                         bias, activation, out_dtype, config=gemm_config)
+    group = k // ng
     if group not in (32, 64, 128, 256):
         raise ValueError(f"w4a8 kernel supports group sizes 32/64/128/256 or one scale per channel, got {group}")
     if activation not in ACTIVATIONS:
@@ -132,8 +147,7 @@ def w4a8_scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tens
         return c
     args = (xq, w_packed, ws, xs, bias.contiguous() if bias is not None else xs, c,
             m, n, k, m_bucket(m), xq.stride(0), w_packed.stride(0), ws.stride(0), c.stride(0))
-    common = dict(GROUP=group, HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation], FAST=use_fast_math(),
-                  PER_CHANNEL=per_channel)
+    common = dict(GROUP=group, HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation], FAST=use_fast_math())
     if config is None and interpreting():  # the autotuner needs CUDA events
         config = {"BLOCK_N": 32, "BLOCK_M": 32}
     if config is None:
