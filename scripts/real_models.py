@@ -335,13 +335,15 @@ def render(paths: list[Path], out: Path, notes: list[str] | None = None) -> None
             lines.append("")
         stages = [r for r in mr if r["part"] in ("stage", "calibration")]
         if stages:
-            lines += ["| recipe | stage | settings | seconds | peak GiB | peak vs FP generation |",
-                      "|---|---|---|---:|---:|---:|"]
+            many = len({r.get("run") for r in stages}) > 1  # rows of several runs: say which run each comes from
+            lines += ["| recipe | stage | settings | seconds | peak GiB | peak vs FP generation |" + (" run (UTC) |" if many else ""),
+                      "|---|---|---|---:|---:|---:|" + ("---|" if many else "")]
             for r in stages:
                 ratio = r.get("peak_vs_fp_generate")
                 shown = ", ".join(f"{k} {r[k]}" for k in ("prompts", "steps", "budget", "iters", "calls") if k in r)
                 lines.append(f"| {r.get('recipe', '-')} | {r.get('stage', r['part'])} | {shown or '-'} | {r['seconds']:.1f} | "
-                             f"{r['peak_gib']:.1f} | {'-' if ratio is None else f'{ratio:.2f}x'} |")
+                             f"{r['peak_gib']:.1f} | {'-' if ratio is None else f'{ratio:.2f}x'} |"
+                             + (f" {r.get('run', '-')} |" if many else ""))
             lines.append("")
         for r in mr:
             if r["part"] == "quantize":
