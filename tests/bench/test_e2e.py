@@ -238,3 +238,20 @@ def test_bench_flags_reach_the_settings(monkeypatch):
         "bf16 eager", 7, 30.0, 90.0, True, True)
     with pytest.raises(SystemExit):
         main(["bench", "--loop-steps", "0"])
+
+
+def test_a_failing_variant_logs_where_it_failed(monkeypatch):
+    """A variant that raises gets its error cell and, in the log (a worker's stdout reaches the parent's log, its
+    stderr does not), the innermost lines of the traceback."""
+    def broken(*a, **k):
+        raise RuntimeError("invalid python storage, say")
+
+    monkeypatch.setattr(bench_e2e, "prepare", broken)
+    lines: list[str] = []
+    case = bench_e2e.cases(dry=True)[0]
+    row, out = bench_e2e.measure(case, bench_e2e.BY_NAME["bf16 eager"], torch.device("cpu"), torch.float32,
+                                 log=lines.append)
+    assert out is None and row.error == "RuntimeError: invalid python storage, say"
+    trace = [ln for ln in lines if ln.startswith("    | ")]
+    assert trace[-1] == "    | RuntimeError: invalid python storage, say"
+    assert any("in broken" in ln for ln in trace)

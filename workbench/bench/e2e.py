@@ -388,6 +388,16 @@ def check_routed(v: Variant, routed: peers.Counter | None) -> int:
     return routed.calls
 
 
+def log_traceback(log: Callable[[str], None], frames: int = 6) -> None:
+    """The innermost lines of the exception being handled, through `log` (a worker's stdout reaches the parent's
+    log, its stderr does not); the whole traceback on stderr with WORKBENCH_BENCH_TRACEBACK=1."""
+    lines = traceback.format_exc().rstrip().splitlines()
+    for line in lines[-2 * frames - 1:]:
+        log(f"    | {line}")
+    if os.environ.get("WORKBENCH_BENCH_TRACEBACK"):
+        traceback.print_exc()
+
+
 def error_text(exc: BaseException) -> str:
     """An exception as one table cell: its type and the first line of its message."""
     msg = str(exc).splitlines()[0][:200] if str(exc) else ""
@@ -428,8 +438,7 @@ def measure(case: ModelCase, v: Variant, device: torch.device, dtype: torch.dtyp
     except Exception as exc:  # noqa: BLE001 - one failing variant must not lose the table
         row.error, out = error_text(exc), None
         log(f"  {v.name}: FAILED {row.error}")
-        if os.environ.get("WORKBENCH_BENCH_TRACEBACK"):
-            traceback.print_exc()
+        log_traceback(log)
     finally:
         del model
         torch._dynamo.reset()

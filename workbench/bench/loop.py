@@ -143,6 +143,7 @@ def measure_loop(case: ModelCase, v: Variant, device: torch.device, dtype: torch
     except Exception as exc:  # noqa: BLE001 - one failing variant must not lose the table
         row.error, out, row.s_per_video = e2e.error_text(exc), None, None
         log(f"  {v.name}: FAILED {row.error}")
+        e2e.log_traceback(log)
     finally:
         del model
         torch._dynamo.reset()
