@@ -215,10 +215,13 @@ def test_forward_chunks_are_sized_by_tokens():
     assert chunk_rows(lambda idx: {"x": 3}) == CHUNK_ROWS
 
 
-@pytest.mark.parametrize("mode", ["block", "e2e"])
-def test_chunked_training_steps_give_the_same_gradient(mode, monkeypatch):
+@pytest.mark.parametrize("mode,term", [("block", False), ("e2e", False), ("block", True)],
+                         ids=["block", "e2e", "block_with_a_term"])
+def test_chunked_training_steps_give_the_same_gradient(mode, term, monkeypatch):
     """train_chunk_tokens below a step's tokens: every backward pass sees at most that many tokens' rows (one chunk's
-    activations alive), one more forward runs a step, and each step's gradient is the one-pass gradient."""
+    activations alive) and each step's gradient is the one-pass gradient. The reconstruction loss alone is a sum
+    over rows (each chunk back-propagates its share: no extra forward); with a term that mixes rows, a no-grad
+    forward of all rows gives the loss's gradient w.r.t. the output first (one more forward a step)."""
     from workbench.stages.distill.rows import call_tokens
 
     first_grads, widest, passes = [], [], []
@@ -238,18 +241,20 @@ def test_chunked_training_steps_give_the_same_gradient(mode, monkeypatch):
             x = next(v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() >= 2)
             if torch.is_grad_enabled():
                 rows_seen.append(x.shape[0])
-            n[0] += 1
+            n[0] += x.shape[0]  # rows run through the unit, with or without gradients
 
         unit = s.qtransformer if mode == "e2e" else s.qtransformer.get_submodule("blocks.0")
         h = unit.register_forward_pre_hook(hook, with_kwargs=True)
+        terms = [Term("relation", 0.5, lambda ctx: relation_kl(ctx.pred.flatten(1) @ ctx.pred.flatten(1).T,
+                                                                ctx.target.flatten(1) @ ctx.target.flatten(1).T))]
         run_distillation(s, DistillSettings(mode=mode, iters=2, batch_size=4, lr=1e-2, scale_lr=1e-2, train=["scales"],
                                             blocks=BLOCK if mode == "block" else None, eval_rows=0,
-                                            train_chunk_tokens=chunk, seed=3))
+                                            train_chunk_tokens=chunk, seed=3), terms=terms if term else None)
         h.remove()
         widest.append(max(rows_seen))
         passes.append(n[0])
     assert widest == [4, 1]  # the chunked run back-propagated one row at a time
-    assert passes[1] > passes[0]
+    assert (passes[1] > passes[0]) == term  # an extra no-grad forward of the rows only where a term mixes rows
     assert len(first_grads[0]) == len(first_grads[1]) > 0
     for a, b in zip(*first_grads):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * float(a.abs().max()))  # fp32 summation order

@@ -54,7 +54,7 @@ from workbench.session import Session
 from workbench.io.checkpoint import fingerprint
 from workbench.stages import interrupt
 from workbench.stages.distill.checkpoint import LoopCheckpoint, OptimizerRestore
-from workbench.stages.distill.losses import Term, TermContext, weighted_rel_mse
+from workbench.stages.distill.losses import Term, TermContext, rel_mse_denominator, weighted_rel_mse
 from workbench.stages.distill.rows import (Rows, bind_call, call_tokens, first_block_calls, has_timestep_wise,
                                            hidden_leaf, propagate, run_unit, sample_rows, select_rows, to_cpu,
                                            unit_error)
@@ -412,6 +412,20 @@ def _step_gradient(loop: LoopState, job: UnitJob, idx: torch.Tensor, it: int, sp
         loop.split.backward(total, params)
         return total, parts
     chunks = local.split(per)
+    if not loop.terms and not loop.split.parallel:
+        # the reconstruction loss alone is a sum over rows with one denominator: each chunk back-propagates its
+        # share, no extra forward
+        ctx = _context(loop, job, idx, it, mode, job.target[idx], job.target[idx])
+        den = rel_mse_denominator(ctx.tokens(ctx.target)).to(loop.device)
+        total = torch.zeros((), device=loop.device)
+        for c in chunks:
+            cctx = _context(loop, job, c, it, mode, run_unit(job.module, job.batch, c, job.row_ts, split),
+                            job.target[c])
+            part = weighted_rel_mse(cctx.tokens(cctx.pred), cctx.tokens(cctx.target), cctx.token_weights, den=den)
+            part.backward()
+            total = total + part.detach()
+        _check_finite(loop, job, it, total, {"rec": total})
+        return total, {"rec": total}
     with torch.no_grad():
         out = torch.cat([run_unit(job.module, job.batch, c, job.row_ts, split) for c in chunks])
     leaf = out.requires_grad_()
@@ -424,23 +438,35 @@ def _step_gradient(loop: LoopState, job: UnitJob, idx: torch.Tensor, it: int, sp
     return total.detach(), {k: v.detach() for k, v in parts.items()}
 
 
+def _context(loop: LoopState, job: UnitJob, idx: torch.Tensor, it: int, mode: str, pred: torch.Tensor,
+             target: torch.Tensor) -> TermContext:
+    """The loss terms' view of rows idx (targets and token weights moved to the prediction's device)."""
+    tgt = target.to(pred.device)
+    w = None if job.weights is None else job.weights[idx].to(pred.device)
+    return TermContext(pred, tgt, job.name, it, job.row_ts[idx], w, loop.grid, mode, loop.generator)
+
+
 def _loss(loop: LoopState, job: UnitJob, idx: torch.Tensor, it: int, split: bool,
           mode: str, pred: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss of one step and its parts (reconstruction first); NaN/inf raises DistillDivergedError.
     pred: the unit's output for rows idx when already computed (else the unit runs here)."""
-    s = loop.settings
     if pred is None:
         pred = loop.split.gather(run_unit(job.module, job.batch, loop.split.rows(idx), job.row_ts, split), idx)
-    tgt = job.target[idx].to(pred.device)
-    w = None if job.weights is None else job.weights[idx].to(pred.device)
-    ctx = TermContext(pred, tgt, job.name, it, job.row_ts[idx], w, loop.grid, mode, loop.generator)
-    rec = weighted_rel_mse(ctx.tokens(pred), ctx.tokens(tgt), w)
+    ctx = _context(loop, job, idx, it, mode, pred, job.target[idx])
+    rec = weighted_rel_mse(ctx.tokens(pred), ctx.tokens(ctx.target), ctx.token_weights)
     parts = {"rec": rec}
     total = rec
     for t in loop.terms:
         v = t.fn(ctx)
         parts[t.name] = v
         total = total + t.weight * v
+    _check_finite(loop, job, it, total, parts)
+    return total, parts
+
+
+def _check_finite(loop: LoopState, job: UnitJob, it: int, total: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+    """DistillDivergedError when a step's loss is NaN / inf, naming the term."""
+    s = loop.settings
     if not torch.isfinite(total):
         bad = [k for k, v in parts.items() if not torch.isfinite(v)]
         raise DistillDivergedError(
@@ -448,7 +474,6 @@ def _loss(loop: LoopState, job: UnitJob, idx: torch.Tensor, it: int, split: bool
             f"{float(total.detach())} ({', '.join(bad) or 'total'} term). Lower the learning rate (lr={s.lr:g}; "
             f"try lr={s.lr / 10:g}) or train fewer components; {job.name} was restored to its state before "
             "this training (earlier blocks keep theirs)")
-    return total, parts
 
 
 def stop_point(save: Callable[[], None], where: str) -> None:

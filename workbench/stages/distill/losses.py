@@ -71,10 +71,18 @@ def relation_kl(pred_sim: torch.Tensor, target_sim: torch.Tensor, tau: float = 1
     return (logt.exp() * (logt - logp)).sum(-1).mean()
 
 
-def weighted_rel_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """sum_s w_s ||pred_s - target_s||^2 / sum_s ||target_s||^2 over tokens (B, S, D); w: (B, S) or None."""
+def rel_mse_denominator(target: torch.Tensor) -> torch.Tensor:
+    """sum ||target||^2 over all tokens of a batch, the denominator of `weighted_rel_mse`."""
+    return target.float().pow(2).sum().clamp(min=1e-12)
+
+
+def weighted_rel_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None,
+                     den: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_s w_s ||pred_s - target_s||^2 / sum_s ||target_s||^2 over tokens (B, S, D); w: (B, S) or None.
+    den: the denominator of a whole batch when pred / target hold some of its rows (the loss is then a sum over
+    the batch's row chunks)."""
     err = (pred.float() - target.float()).pow(2)
-    den = target.float().pow(2).sum().clamp(min=1e-12)
+    den = rel_mse_denominator(target) if den is None else den
     if weights is None:
         return err.sum() / den
     return (err.sum(-1) * weights).sum() / den

@@ -38,9 +38,10 @@ class DistillSettings:
         activations and fake-quantized weights (None: on when the model is on a GPU, where memory is what limits
         e2e on large models; the result is the same, a step costs about one more forward).
     train_chunk_tokens: tokens per forward + backward pass of a training step (0: never chunk). A step whose rows
-        hold more runs a no-grad forward of all of them for the loss, then per chunk of rows a forward and the
-        backward of the loss's gradient: the same gradient with one chunk's activations alive instead of the
-        batch's (one more forward a step). 4 rows of Wan2.1's 32,760 tokens kept ~30 GB of block activations.
+        hold more runs them in chunks: the same gradient with one chunk's activations alive instead of the batch's
+        (4 rows of Wan2.1's 32,760 tokens kept ~30 GB of block activations). The reconstruction loss alone is a
+        sum over rows, so each chunk back-propagates its share; extra terms that mix rows (Q-VDiT's relation,
+        MPQ-DMv2's memory) first need a no-grad forward of all rows for the loss's gradient (one more forward).
     """
 
     mode: str = "block"
