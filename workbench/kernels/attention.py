@@ -1,8 +1,9 @@
 """SageAttention-style quantized attention (int8 Q.K^T, fp8/fp16 P.V, online softmax) in Triton.
 
-Pipeline (3 launches + two tiny torch reductions), semantics = reference.quant_attention_ref:
+Pipeline (5 launches, two of them tiny), semantics = reference.quant_attention_ref:
 1. ``_kv_stats_kernel``: one pass over K and V -> per-(b, h, channel) partial sums of K and V and
-   min/max of V (split over tokens so that even B*H=12 fills the GPU).
+   min/max of V (split over tokens so that even B*H=12 fills the GPU); ``_kv_stats_finalize_kernel`` reduces
+   the splits to the means and V's scales (``_v_bias_finalize_kernel`` adds V's rounding bias after pass 2).
 2. ``_kv_quant_kernel``: K - mean_K (smoothing; softmax is invariant to it), int8 per block of
    BLOCK_N tokens; V - mean_V, per-channel e4m3 (scale absmax/448) written *transposed*
    ([D, N], token-contiguous) because Hopper fp8 wgmma needs K-major B operands.
@@ -26,7 +27,7 @@ import triton.language as tl
 
 from ._triton_utils import (TensorDescriptor, fast_bench, int_to_f32_exact, interpreting, is_hopper_or_newer, num_sms,
                             rint_f32, tma_ok, to_fp8_e4m3)
-from .reference import EPS, FP8_MAX, LOG2E, _div, _sdiv, default_blocks
+from .reference import EPS, FP8_MAX, LOG2E, default_blocks
 
 
 @triton.jit
@@ -63,6 +64,47 @@ def _kv_stats_kernel(k_ptr, v_ptr, ksum_ptr, vsum_ptr, vmin_ptr, vmax_ptr,
     tl.store(vsum_ptr + o, vsum)
     tl.store(vmin_ptr + o, vmin)
     tl.store(vmax_ptr + o, vmax)
+
+
+@triton.jit
+def _kv_stats_finalize_kernel(part_ptr, km_ptr, vm_ptr, vinv_ptr, vs_ptr, BH, SPLITS, NK_F,
+                              HEAD_DIM: tl.constexpr, SMOOTH_V: tl.constexpr, EPS: tl.constexpr,
+                              QMAX: tl.constexpr):
+    """Per (b, h): the token splits' partial statistics -> K mean, V mean (0 without V smoothing) and V's
+    per-channel e4m3 scale (absmax of V - mean = max(max - mean, mean - min), exact) and its inverse."""
+    pid_bh = tl.program_id(0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    part = BH * SPLITS * HEAD_DIM                      # elements between sum(K), sum(V), min(V), max(V)
+    base = part_ptr + pid_bh * SPLITS * HEAD_DIM + offs_d
+    ksum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    vsum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    vmin = tl.full([HEAD_DIM], float("inf"), dtype=tl.float32)
+    vmax = tl.full([HEAD_DIM], float("-inf"), dtype=tl.float32)
+    for i in range(SPLITS):
+        p = base + i * HEAD_DIM
+        ksum += tl.load(p)
+        vsum += tl.load(p + part)
+        vmin = tl.minimum(vmin, tl.load(p + 2 * part))
+        vmax = tl.maximum(vmax, tl.load(p + 3 * part))
+    o = pid_bh * HEAD_DIM + offs_d
+    tl.store(km_ptr + o, tl.math.div_rn(ksum, NK_F))
+    vm = tl.math.div_rn(vsum, NK_F) if SMOOTH_V else tl.zeros([HEAD_DIM], dtype=tl.float32)
+    vamax = tl.maximum(tl.maximum(vmax - vm, vm - vmin), EPS)
+    tl.store(vm_ptr + o, vm)
+    tl.store(vinv_ptr + o, tl.math.div_rn(QMAX, vamax))
+    tl.store(vs_ptr + o, tl.math.div_rn(vamax, QMAX))
+
+
+@triton.jit
+def _v_bias_finalize_kernel(vm_ptr, vb_ptr, out_ptr, NKB, NK_F, HEAD_DIM: tl.constexpr):
+    """Per (b, h): V's mean plus its rounding bias, the key blocks' sums of V - dequant(V8) over all tokens."""
+    pid_bh = tl.program_id(0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for j in range(NKB):
+        acc += tl.load(vb_ptr + (pid_bh * NKB + j) * HEAD_DIM + offs_d)
+    o = pid_bh * HEAD_DIM + offs_d
+    tl.store(out_ptr + o, tl.load(vm_ptr + o) + tl.math.div_rn(acc, NK_F))
 
 
 @triton.jit
@@ -293,13 +335,10 @@ def quant_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm
     part = torch.empty((4, bh, splits, d), device=dev, dtype=torch.float32)
     _kv_stats_kernel[(bh, splits)](k, v, part[0], part[1], part[2], part[3], h, nk, tok_per_split, splits,
                                    *k.stride(), *v.stride(), HEAD_DIM=d, BLOCK_T=block_t, num_warps=4)
-    nk_t = torch.full((1, 1), float(nk), device=dev)
-    km = torch.div(part[0].sum(1), nk_t).contiguous()
-    vm = torch.div(part[1].sum(1), nk_t) if smooth_v else torch.zeros((bh, d), device=dev)
-    vmin, vmax = part[2].amin(1), part[3].amax(1)
-    vamax = torch.maximum(vmax - vm, vm - vmin).clamp_min(EPS)
-    vinv = _div(FP8_MAX, vamax).contiguous()
-    vs = _sdiv(vamax, FP8_MAX).contiguous()
+    # the splits' partials -> K / V means and V's scales in one tiny launch (was ~12 torch kernels a call)
+    km, vm, vinv, vs = torch.empty((4, bh, d), device=dev, dtype=torch.float32).unbind(0)
+    _kv_stats_finalize_kernel[(bh,)](part, km, vm, vinv, vs, bh, splits, float(nk), HEAD_DIM=d,
+                                     SMOOTH_V=smooth_v, EPS=EPS, QMAX=FP8_MAX, num_warps=1)
 
     # the Gluon sm_90 kernel (attention_sm90.py) or the Triton kernel below
     use_fa3 = False
@@ -318,12 +357,13 @@ def quant_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm
     ks = torch.empty((bh, nkb), device=dev, dtype=torch.float32)
     vt = torch.empty((bh * d, nk_pad), device=dev, dtype=torch.float8_e4m3fn if pv_fp8 else torch.float16)
     vb = torch.empty((bh, nkb, d), device=dev, dtype=torch.float32)
-    vm = vm.contiguous()
     _kv_quant_kernel[(nkb, bh)](k, v, km, vm, vinv, vs, k8, ks, vt, vb, h, nk, nk_pad, nkb,
                                 *k.stride(), *v.stride(), HEAD_DIM=d, BLOCK_N=block_n,
                                 SMOOTH_K=smooth_k, SMOOTH_V=smooth_v, PV_FP8=pv_fp8, EMULATE_FP8=emulate,
                                 PERMUTE_V=use_fa3, num_warps=4 if block_n * d <= 8192 else 8)
-    vm = (vm + torch.div(vb.sum(1), nk_t)).contiguous()    # the epilogue adds V's mean and its rounding bias
+    vm_bias = torch.empty_like(vm)                           # the epilogue adds V's mean and its rounding bias
+    _v_bias_finalize_kernel[(bh,)](vm, vb, vm_bias, nkb, float(nk), HEAD_DIM=d, num_warps=1)
+    vm = vm_bias
 
     # 3) fused attention
     if use_fa3:
