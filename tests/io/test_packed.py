@@ -79,7 +79,7 @@ def test_kernel_choice():
     assert k(QuantFormat.parse("int8"), "channel", None, 128, DYN8) == KernelChoice("W8A8Linear")
     assert k(QuantFormat.parse("int4"), "channel", None, 512, DYN8) == KernelChoice("W4A8Linear", 512)
     assert k(QuantFormat.parse("int4"), "tensor", None, 512, DYN8) == KernelChoice("W4A8Linear", 512)
-    # K = 40: no K step of the per-channel path nor a group size divides it; int4 codes fit the W8A8 kernel
+    # K = 40: neither the per-channel path (K a multiple of 16) nor a group size fits; int4 codes fit the W8A8 kernel
     assert k(QuantFormat.parse("int4"), "channel", None, 40, DYN8) == KernelChoice("W8A8Linear")
     assert k(QuantFormat.parse("int3"), "group", 64, 128, DYN8) == KernelChoice("W4A8Linear", 64)
     assert k(QuantFormat.parse("fp8"), "channel", None, 128, QuantSpec("fp8", "token", dynamic=True)) == \

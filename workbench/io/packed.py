@@ -52,8 +52,8 @@ FORMAT_VERSION = 2
 REEXPORT = "re-export it (workbench export RUN_DIR --out DIR)"
 MANIFEST_NAME = "manifest.json"
 KERNEL_GROUP_SIZES = (256, 128, 64, 32)  # group sizes the W4A8 Triton kernel runs, largest first
-# ... and, for one range per channel (or tensor), its unpack + int8 GEMM path (K a multiple of 32)
-W4A8_PER_CHANNEL_MULTIPLE = 32
+# ... and, for one range per channel (or tensor), its unpack + int8 GEMM path (K a multiple of 16, as the GEMM needs)
+W4A8_PER_CHANNEL_MULTIPLE = 16
 
 
 class PackedModelError(ValueError):

@@ -402,9 +402,10 @@ def train_rows(batch: Callable[[torch.Tensor], dict[str, Any]], tokens: int) -> 
 def _step_gradient(loop: LoopState, job: UnitJob, idx: torch.Tensor, it: int, split: bool, mode: str,
                    params: list[nn.Parameter]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One step's loss and its parts, with the gradient of the loss left in `params`. When this rank's rows hold
-    more than `train_chunk_tokens` tokens: a no-grad forward of all rows gives the loss and its gradient with
-    respect to the unit's output, then each chunk of rows is run again and back-propagates its part of that
-    gradient (the same gradient as one pass; one chunk's activations alive at a time)."""
+    more than `train_chunk_tokens` tokens, they run in chunks (the same gradient as one pass, one chunk's
+    activations alive at a time): the reconstruction loss alone is a sum over rows with the batch's denominator,
+    so each chunk back-propagates its share; with terms that mix rows, a no-grad forward of all rows gives the
+    loss's gradient w.r.t. the unit's output first, and each chunk, run again, back-propagates its rows' part."""
     local = loop.split.rows(idx)
     per = train_rows(job.batch, loop.settings.train_chunk_tokens)
     if per is None or local.numel() <= per:
@@ -415,8 +416,7 @@ def _step_gradient(loop: LoopState, job: UnitJob, idx: torch.Tensor, it: int, sp
     if not loop.terms and not loop.split.parallel:
         # the reconstruction loss alone is a sum over rows with one denominator: each chunk back-propagates its
         # share, no extra forward
-        ctx = _context(loop, job, idx, it, mode, job.target[idx], job.target[idx])
-        den = rel_mse_denominator(ctx.tokens(ctx.target)).to(loop.device)
+        den = rel_mse_denominator(job.target[idx]).to(loop.device)  # tokens() only reorders: the same sum
         total = torch.zeros((), device=loop.device)
         for c in chunks:
             cctx = _context(loop, job, c, it, mode, run_unit(job.module, job.batch, c, job.row_ts, split),

@@ -219,6 +219,6 @@ def unit_error(unit: nn.Module, batch: Callable, target: torch.Tensor, idx: torc
     return num / den if den > 0 else num
 
 
-__all__ = ["CHUNK_ROWS", "CHUNK_TOKENS", "Rows", "bind_call", "call_tokens", "chunk_rows", "first_block_calls", "has_timestep_wise",
-           "hidden_leaf", "output_tensor", "propagate", "run_unit", "sample_rows", "select_rows", "to_cpu",
-           "unit_error"]
+__all__ = ["CHUNK_ROWS", "CHUNK_TOKENS", "Rows", "bind_call", "call_tokens", "chunk_rows", "first_block_calls",
+           "has_timestep_wise", "hidden_leaf", "output_tensor", "propagate", "run_unit", "sample_rows", "select_rows",
+           "to_cpu", "unit_error"]
