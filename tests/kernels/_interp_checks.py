@@ -427,6 +427,31 @@ def attn_kv_quant_permuted_v_and_rounding_bias():
     return float((vb0.sum(1) - want).abs().max()), 1e-4
 
 
+@check
+def attn_stats_and_bias_finalize_many_steps():
+    """The two finalize kernels over more rows than one step (70 token splits, 45 key blocks: three / two steps of
+    32, the last ragged): K / V means, V's e4m3 scale and inverse, and V's mean plus rounding bias, against the
+    same reductions in torch (fp32 sums in another order: a few ulps)."""
+    from workbench.kernels.attention import _kv_stats_finalize_kernel, _v_bias_finalize_kernel
+    bh, splits, nkb, d, nk = 3, 70, 45, 64, 2240
+    part = torch.randn(4, bh, splits, d, generator=_g(8))
+    part[2] -= 3.0  # min(V) below max(V)
+    part[3] += 3.0
+    km, vm, vinv, vs = torch.empty(4, bh, d).unbind(0)
+    _kv_stats_finalize_kernel[(bh,)](part, km, vm, vinv, vs, bh, splits, float(nk), HEAD_DIM=d, SMOOTH_V=True,
+                                     EPS=R.EPS, QMAX=R.FP8_MAX, BLOCK_R=32, num_warps=4)
+    want_vm = part[1].sum(1) / nk
+    want_amax = torch.maximum(part[3].amax(1) - want_vm, want_vm - part[2].amin(1)).clamp_min(R.EPS)
+    vb = torch.randn(bh, nkb, d, generator=_g(9))
+    out = torch.empty(bh, d)
+    _v_bias_finalize_kernel[(bh,)](vm, vb, out, nkb, float(nk), HEAD_DIM=d, BLOCK_R=32, num_warps=4)
+    errs = [(km - part[0].sum(1) / nk).abs().max() / (part[0].sum(1) / nk).abs().max(),
+            (vm - want_vm).abs().max() / want_vm.abs().max(),
+            ((vs - want_amax / R.FP8_MAX) / vs).abs().max(), ((vinv - R.FP8_MAX / want_amax) / vinv).abs().max(),
+            (out - (vm + vb.sum(1) / nk)).abs().max() / out.abs().max()]
+    return float(max(errs)), 1e-5
+
+
 def main(names) -> None:
     """Run the selected checks and print the JSON summary."""
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"

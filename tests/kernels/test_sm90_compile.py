@@ -158,3 +158,18 @@ def test_gluon_attention_compiles_for_sm90(d):
     assert re.search(r"wgmma\.mma_async\S*s32\.s8\.s8", ptx) and re.search(r"wgmma\.mma_async\S*f32\.e4m3\.e4m3", ptx)
     assert "cp.async.bulk.tensor" in ptx and "cvt.rn.f32.s32" not in ptx
     assert "shfl.sync.idx" not in ptx, "P is shuffled into the wgmma A-operand layout (V^T permutation lost)"
+
+
+@pytest.mark.parametrize("smooth_v", [True, False])
+def test_attention_finalize_kernels_compile_for_sm90(smooth_v):
+    """The two tiny reductions between the K/V passes and the attention kernel (only the interpreter runs them
+    on the CPU): they compile for sm_90 without spills."""
+    A = importlib.import_module("workbench.kernels.attention")
+    sig = dict(part_ptr="*fp32", km_ptr="*fp32", vm_ptr="*fp32", vinv_ptr="*fp32", vs_ptr="*fp32", BH="i32",
+               SPLITS="i32", NK_F="fp32")
+    ptx, shared, regs, local = _compile(A._kv_stats_finalize_kernel, sig,
+                                        dict(HEAD_DIM=128, SMOOTH_V=smooth_v, EPS=1e-8, QMAX=448.0, BLOCK_R=32), 4, 1)
+    assert local == 0 and "div.rn.f32" in ptx
+    sig = dict(vm_ptr="*fp32", vb_ptr="*fp32", out_ptr="*fp32", NKB="i32", NK_F="fp32")
+    ptx, shared, regs, local = _compile(A._v_bias_finalize_kernel, sig, dict(HEAD_DIM=128, BLOCK_R=32), 4, 1)
+    assert local == 0 and "div.rn.f32" in ptx

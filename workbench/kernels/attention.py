@@ -69,23 +69,26 @@ def _kv_stats_kernel(k_ptr, v_ptr, ksum_ptr, vsum_ptr, vmin_ptr, vmax_ptr,
 @triton.jit
 def _kv_stats_finalize_kernel(part_ptr, km_ptr, vm_ptr, vinv_ptr, vs_ptr, BH, SPLITS, NK_F,
                               HEAD_DIM: tl.constexpr, SMOOTH_V: tl.constexpr, EPS: tl.constexpr,
-                              QMAX: tl.constexpr):
+                              QMAX: tl.constexpr, BLOCK_R: tl.constexpr):
     """Per (b, h): the token splits' partial statistics -> K mean, V mean (0 without V smoothing) and V's
-    per-channel e4m3 scale (absmax of V - mean = max(max - mean, mean - min), exact) and its inverse."""
+    per-channel e4m3 scale (absmax of V - mean = max(max - mean, mean - min), exact) and its inverse.
+    BLOCK_R splits a step, so the loads are in flight together (a split a step would be latency-bound)."""
     pid_bh = tl.program_id(0)
     offs_d = tl.arange(0, HEAD_DIM)
+    offs_r = tl.arange(0, BLOCK_R)
     part = BH * SPLITS * HEAD_DIM                      # elements between sum(K), sum(V), min(V), max(V)
-    base = part_ptr + pid_bh * SPLITS * HEAD_DIM + offs_d
+    base = part_ptr + pid_bh * SPLITS * HEAD_DIM
     ksum = tl.zeros([HEAD_DIM], dtype=tl.float32)
     vsum = tl.zeros([HEAD_DIM], dtype=tl.float32)
     vmin = tl.full([HEAD_DIM], float("inf"), dtype=tl.float32)
     vmax = tl.full([HEAD_DIM], float("-inf"), dtype=tl.float32)
-    for i in range(SPLITS):
-        p = base + i * HEAD_DIM
-        ksum += tl.load(p)
-        vsum += tl.load(p + part)
-        vmin = tl.minimum(vmin, tl.load(p + 2 * part))
-        vmax = tl.maximum(vmax, tl.load(p + 3 * part))
+    for r0 in range(0, SPLITS, BLOCK_R):
+        ok = ((r0 + offs_r) < SPLITS)[:, None]
+        p = base + (r0 + offs_r)[:, None] * HEAD_DIM + offs_d[None, :]
+        ksum += tl.sum(tl.load(p, mask=ok, other=0.0), axis=0)
+        vsum += tl.sum(tl.load(p + part, mask=ok, other=0.0), axis=0)
+        vmin = tl.minimum(vmin, tl.min(tl.load(p + 2 * part, mask=ok, other=float("inf")), axis=0))
+        vmax = tl.maximum(vmax, tl.max(tl.load(p + 3 * part, mask=ok, other=float("-inf")), axis=0))
     o = pid_bh * HEAD_DIM + offs_d
     tl.store(km_ptr + o, tl.math.div_rn(ksum, NK_F))
     vm = tl.math.div_rn(vsum, NK_F) if SMOOTH_V else tl.zeros([HEAD_DIM], dtype=tl.float32)
@@ -96,13 +99,17 @@ def _kv_stats_finalize_kernel(part_ptr, km_ptr, vm_ptr, vinv_ptr, vs_ptr, BH, SP
 
 
 @triton.jit
-def _v_bias_finalize_kernel(vm_ptr, vb_ptr, out_ptr, NKB, NK_F, HEAD_DIM: tl.constexpr):
-    """Per (b, h): V's mean plus its rounding bias, the key blocks' sums of V - dequant(V8) over all tokens."""
+def _v_bias_finalize_kernel(vm_ptr, vb_ptr, out_ptr, NKB, NK_F, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Per (b, h): V's mean plus its rounding bias, the key blocks' sums of V - dequant(V8) over all tokens
+    (BLOCK_R key blocks a step)."""
     pid_bh = tl.program_id(0)
     offs_d = tl.arange(0, HEAD_DIM)
+    offs_r = tl.arange(0, BLOCK_R)
     acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    for j in range(NKB):
-        acc += tl.load(vb_ptr + (pid_bh * NKB + j) * HEAD_DIM + offs_d)
+    for r0 in range(0, NKB, BLOCK_R):
+        ok = ((r0 + offs_r) < NKB)[:, None]
+        p = vb_ptr + (pid_bh * NKB + r0 + offs_r)[:, None] * HEAD_DIM + offs_d[None, :]
+        acc += tl.sum(tl.load(p, mask=ok, other=0.0), axis=0)
     o = pid_bh * HEAD_DIM + offs_d
     tl.store(out_ptr + o, tl.load(vm_ptr + o) + tl.math.div_rn(acc, NK_F))
 
@@ -338,7 +345,7 @@ def quant_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm
     # the splits' partials -> K / V means and V's scales in one tiny launch (was ~12 torch kernels a call)
     km, vm, vinv, vs = torch.empty((4, bh, d), device=dev, dtype=torch.float32).unbind(0)
     _kv_stats_finalize_kernel[(bh,)](part, km, vm, vinv, vs, bh, splits, float(nk), HEAD_DIM=d,
-                                     SMOOTH_V=smooth_v, EPS=EPS, QMAX=FP8_MAX, num_warps=1)
+                                     SMOOTH_V=smooth_v, EPS=EPS, QMAX=FP8_MAX, BLOCK_R=32, num_warps=4)
 
     # the Gluon sm_90 kernel (attention_sm90.py) or the Triton kernel below
     use_fa3 = False
@@ -362,7 +369,7 @@ def quant_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm
                                 SMOOTH_K=smooth_k, SMOOTH_V=smooth_v, PV_FP8=pv_fp8, EMULATE_FP8=emulate,
                                 PERMUTE_V=use_fa3, num_warps=4 if block_n * d <= 8192 else 8)
     vm_bias = torch.empty_like(vm)                           # the epilogue adds V's mean and its rounding bias
-    _v_bias_finalize_kernel[(bh,)](vm, vb, vm_bias, nkb, float(nk), HEAD_DIM=d, num_warps=1)
+    _v_bias_finalize_kernel[(bh,)](vm, vb, vm_bias, nkb, float(nk), HEAD_DIM=d, BLOCK_R=32, num_warps=4)
     vm = vm_bias
 
     # 3) fused attention
