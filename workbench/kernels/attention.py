@@ -122,7 +122,7 @@ def _kv_quant_kernel(k_ptr, v_ptr, km_ptr, vm_ptr, vinv_ptr, vs_ptr, k8_ptr, ks_
                      SMOOTH_V: tl.constexpr, PV_FP8: tl.constexpr, EMULATE_FP8: tl.constexpr,
                      PERMUTE_V: tl.constexpr):
     """Smooth + int8-quantize one K block (per-block scale), quantize + transpose one V block and write the
-    block's per-channel sum of V's rounding error (reference.v_rounding_bias, summed over blocks on the host).
+    block's per-channel sum of V's rounding error (reference.v_rounding_bias; `_v_bias_finalize_kernel` sums them).
 
     PERMUTE_V: store token n of each 32-token group at column `attention_sm90.v_column(n)`, the order in which
     the Gluon kernel's P registers already sit as a wgmma A operand (no shuffles of P before P.V)."""

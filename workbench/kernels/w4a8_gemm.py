@@ -31,6 +31,14 @@ from .scaled_mm import ACTIVATIONS, scaled_mm
 
 
 @triton.jit
+def _unpack_nibbles(b):
+    """uint8 [..., n] -> int8 [..., n, 2]: each byte's sign-extended low nibble (even k), then its high one."""
+    lo = (b << 4).to(tl.int8, bitcast=True) >> 4
+    hi = b.to(tl.int8, bitcast=True) >> 4
+    return tl.join(lo, hi)
+
+
+@triton.jit
 def _w4a8_kernel(a_ptr, w_ptr, ws_ptr, a_scale_ptr, bias_ptr, c_ptr,
                  M, N, K, M_BUCKET, stride_am, stride_wn, stride_wsn, stride_cm,
                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GROUP_M: tl.constexpr,
@@ -50,9 +58,7 @@ def _w4a8_kernel(a_ptr, w_ptr, ws_ptr, a_scale_ptr, bias_ptr, c_ptr,
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for g in range(K // GROUP):
         wp = tl.load(w_ptrs)                                   # uint8 [BLOCK_N, GROUP/2]
-        lo = (wp << 4).to(tl.int8, bitcast=True) >> 4           # sign-extended low nibble (even k)
-        hi = wp.to(tl.int8, bitcast=True) >> 4                  # sign-extended high nibble (odd k)
-        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, GROUP))       # int8 [BLOCK_N, GROUP]
+        w = tl.reshape(_unpack_nibbles(wp), (BLOCK_N, GROUP))  # int8 [BLOCK_N, GROUP]
         a = tl.load(a_ptrs)                                     # int8 [BLOCK_M, GROUP]
         part = tl.dot(w, a.T, out_dtype=tl.int32)
         gs = tl.load(s_ptrs + g)
@@ -88,10 +94,7 @@ def _unpack_int4_kernel(p_ptr, out_ptr, n_bytes, BLOCK: tl.constexpr):
     """uint8 bytes -> two sign-extended int8 codes each (low nibble first), the layout of reference.unpack_int4."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n_bytes
-    b = tl.load(p_ptr + offs, mask=ok, other=0)
-    lo = (b << 4).to(tl.int8, bitcast=True) >> 4
-    hi = b.to(tl.int8, bitcast=True) >> 4
-    pair = tl.join(lo, hi)                                          # [BLOCK, 2]
+    pair = _unpack_nibbles(tl.load(p_ptr + offs, mask=ok, other=0))  # [BLOCK, 2]
     tl.store(out_ptr + (2 * offs.to(tl.int64))[:, None] + tl.arange(0, 2)[None, :], pair, mask=ok[:, None])
 
 
