@@ -255,3 +255,58 @@ def test_a_failing_variant_logs_where_it_failed(monkeypatch):
     trace = [ln for ln in lines if ln.startswith("    | ")]
     assert trace[-1] == "    | RuntimeError: invalid python storage, say"
     assert any("in broken" in ln for ln in trace)
+
+
+def _page(gpu: str, date: str, e2e: list[dict], loop: list[dict], micro: list[dict] | None = None) -> dict:
+    """A `workbench bench` JSON as one call writes it (only the fields `page.join` / `page.render` read)."""
+    return {"env": {"gpu": gpu, "date": date, "torch": "2.11", "triton": "3.6", "diffusers": "0.42",
+                    "torchao": "0.18"}, "gpu_tests": {"status": "not run: the kernel part was skipped (--skip-micro)"},
+            "micro": micro or [], "micro_md": "kernel tables" if micro else None, "e2e": e2e, "loop": loop,
+            "parts": [{"date": date, "what": "a call", "wall_s": 300.0}]}
+
+
+def test_join_pages_of_two_gpus_of_one_host(tmp_path, capsys):
+    """Calls run at once on two GPUs of one host join into one page: both calls' rows, speed-ups against the joined
+    page's baselines, the calls in date order; pages of two GPU models are refused; an unrelated page is not
+    overwritten."""
+    import json
+
+    from workbench.bench import page
+
+    a = _page("NVIDIA H200", "2026-11-30 00:20 UTC",
+              [dict(model="M", variant="bf16 torch.compile", ms=200.0), dict(model="M", variant="ours FP8", ms=140.0)],
+              [], micro=[{"group": "g"}])
+    b = _page("NVIDIA H200", "2026-11-30 00:10 UTC",
+              [dict(model="M", variant="ours FP8", ms=None, error="worker exited"),
+               dict(model="N", variant="bf16 torch.compile", ms=50.0)],
+              [dict(model="M", variant="bf16 torch.compile", steps=50, s_per_video=20.0),
+               dict(model="M", variant="ours FP8", steps=50, s_per_video=14.0)])
+    paths = []
+    for name, data in (("a", a), ("b", b)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(data))
+    out = tmp_path / "page.md"
+    page.main([str(p) for p in paths] + ["--out", str(out)])
+    joined = json.loads(out.with_suffix(".json").read_text())
+    ms = {(r["model"], r["variant"]): r["ms"] for r in joined["e2e"]}
+    assert ms == {("M", "bf16 torch.compile"): 200.0, ("M", "ours FP8"): 140.0, ("N", "bf16 torch.compile"): 50.0}
+    ours = next(r for r in joined["e2e"] if r["variant"] == "ours FP8")
+    assert ours["speedup_vs_compiled"] == pytest.approx(200.0 / 140.0)
+    loop = {r["variant"]: r for r in joined["loop"]}
+    assert loop["ours FP8"]["speedup_vs_compiled"] == pytest.approx(20.0 / 14.0)
+    assert [p["date"] for p in joined["parts"]] == ["2026-11-30 00:10 UTC", "2026-11-30 00:20 UTC"]
+    assert joined["micro"] == [{"group": "g"}]
+    text = out.read_text()
+    assert "joins calls on one GPU model" in text and "the calls took 10.0 min" in text
+    assert "| M | ours FP8 | 140.0 |" in text and "## End-to-end sampling loop (50 steps" in text
+
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(_page("NVIDIA H100 80GB HBM3", "2026-11-30 00:30 UTC", [], [])))
+    with pytest.raises(SystemExit, match="different GPUs"):
+        page.main([str(paths[0]), str(other), "--out", str(tmp_path / "x.md")])
+    (tmp_path / "kept.md").write_text("a page of mine")
+    with pytest.raises(SystemExit, match="exists and is not one of the inputs"):
+        page.main([str(paths[0]), str(paths[1]), "--out", str(tmp_path / "kept.md")])
+    assert (tmp_path / "kept.md").read_text() == "a page of mine"
+    with pytest.raises(SystemExit, match="not a `workbench bench` result"):
+        page.main([str(paths[0]), str(out.with_suffix(".md")), "--out", str(tmp_path / "y.md")])

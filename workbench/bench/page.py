@@ -245,9 +245,11 @@ def write_markdown(path: Path, env: dict, tgt: list[dict], micro_md: str | None,
                    loop_md: str | None = None, loop_title: str = "") -> None:
     head = (f"Written by `workbench bench` on {env['date']}: **{env['gpu']}**, torch {env['torch']}, "
             f"triton {env['triton']}, diffusers {env['diffusers']}, torchao {env['torchao']}; "
-            f"run took {wall_s / 60:.1f} min.")
+            f"{'the calls took' if parts and len(parts) > 1 else 'run took'} {wall_s / 60:.1f} min.")
     if parts and len(parts) > 1:
-        head += (" The page joins calls on the same GPU (`--append`; the device's per-command limit is 10 minutes): "
+        head += (" The page joins calls on one GPU model (`--append`, or `python -m workbench.bench.page A.json "
+                 "B.json --out PAGE.md` for calls run at once on two GPUs of one host; the device's per-command limit "
+                 "is 10 minutes): "
                  + "; ".join(f"{p['date']} {p['what']} ({p['wall_s'] / 60:.1f} min)" for p in parts) + ".")
     lines = ["# GPU benchmarks", "", head, "", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |" for t in tgt]
@@ -270,7 +272,8 @@ def write_markdown(path: Path, env: dict, tgt: list[dict], micro_md: str | None,
 
 def render(out: Path, data: dict[str, Any]) -> dict[str, Any]:
     """Write the markdown page and its JSON from a run's results (`data`: a page's JSON, e.g. to re-render a page
-    after the targets changed: `python -m workbench.bench.page PAGE.json --out PAGE.md`); returns the JSON dict."""
+    after the targets changed: `python -m workbench.bench.page PAGE.json --out PAGE.md`, or several calls' JSONs
+    joined by `join`); returns the JSON dict."""
     from workbench.bench import e2e as bench_e2e
     from workbench.bench import loop as bench_loop
 
@@ -378,12 +381,70 @@ def run_bench(s: BenchSettings) -> dict[str, Any]:
     return result
 
 
-if __name__ == "__main__":
+def join(pages: list[dict[str, Any]], names: list[str] | None = None) -> dict[str, Any]:
+    """One page's data from several calls' JSONs (e.g. two calls run at once on two GPUs of one host): the GPU must
+    be the same model in all; later pages' rows replace same-named ones (a failed row never hides a measured one);
+    the kernel tables come from the last page that ran them; the calls are listed in date order."""
+    if not pages:
+        raise ValueError("join needs at least one page's JSON")
+    names = names or [f"page {i + 1}" for i in range(len(pages))]
+    for name, data in zip(names, pages):
+        if not isinstance(data, dict) or "env" not in data or "gpu" not in data.get("env", {}):
+            raise ValueError(f"{name} is not a `workbench bench` result (no env.gpu); pass the .json written beside "
+                             "a page")
+    gpus = {data["env"]["gpu"] for data in pages}
+    if len(gpus) > 1:
+        raise ValueError(f"the pages were measured on different GPUs ({', '.join(sorted(gpus))}): their speed-ups "
+                         "would not compare; join only pages of one GPU model")
+    out: dict[str, Any] = {"env": dict(pages[0]["env"]), "gpu_tests": None, "micro": [], "micro_md": None,
+                           "e2e": [], "loop": [], "parts": []}
+    for data in pages:
+        out["gpu_tests"] = merge_gpu_tests(out["gpu_tests"], data.get("gpu_tests") or {"status": "not run"})
+        if data.get("micro"):
+            out["micro"], out["micro_md"] = data["micro"], data.get("micro_md")
+        out["e2e"] = merge_e2e(out["e2e"], data.get("e2e", []))
+        out["loop"] = merge_e2e(out["loop"], data.get("loop", []), "s_per_video")
+        out["parts"] += data.get("parts", [])
+    out["parts"].sort(key=lambda p: p.get("date", ""))
+    out["env"]["date"] = out["parts"][-1]["date"] if out["parts"] else out["env"].get("date")
+    if "settings" in pages[-1]:
+        out["settings"] = pages[-1]["settings"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m workbench.bench.page A.json [B.json ...] --out PAGE.md`: re-render one page, or join several."""
     import argparse
 
-    ap = argparse.ArgumentParser(description="re-render a `workbench bench` page from its JSON")
-    ap.add_argument("json", help="the page's .json (written beside the .md)")
+    ap = argparse.ArgumentParser(description="re-render a `workbench bench` page from its JSON, or join the JSONs of "
+                                             "several calls on one GPU model (e.g. run at once on two GPUs of a host) "
+                                             "into one page")
+    ap.add_argument("json", nargs="+", help="pages' .json files (written beside each .md), oldest first")
     ap.add_argument("--out", required=True, help="markdown page to write (its .json is written beside it)")
-    a = ap.parse_args()
-    render(Path(a.out), json.loads(Path(a.json).read_text()))
-    print(f"wrote {a.out}")
+    ap.add_argument("--force", action="store_true", help="replace an existing --out that is not one of the inputs")
+    a = ap.parse_args(argv)
+    srcs = [Path(j) for j in a.json]
+    for src in srcs:
+        if not src.exists():
+            raise SystemExit(f"{src} not found; pass the .json that `workbench bench` wrote beside its page")
+    out = Path(a.out)
+    inputs = {src.resolve() for src in srcs}
+    if out.exists() and not a.force and out.with_suffix(".json").resolve() not in inputs:
+        raise SystemExit(f"{out} exists and is not one of the inputs; pass --force to replace it or --out another path")
+    pages = []
+    for src in srcs:
+        try:
+            pages.append(json.loads(src.read_text()))
+        except ValueError as exc:
+            raise SystemExit(f"{src} is not a `workbench bench` result ({exc}); pass the .json written beside a "
+                             "page") from exc
+    try:
+        data = join(pages, [str(s) for s in srcs])
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
+    render(out, data)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
