@@ -35,7 +35,11 @@ def _kv_stats_kernel(k_ptr, v_ptr, ksum_ptr, vsum_ptr, vmin_ptr, vmax_ptr,
                      H, NK, TOK_PER_SPLIT, SPLITS,
                      skb, skh, skn, skd, svb, svh, svn, svd,
                      HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Partial per-channel sum(K), sum(V), min(V), max(V) over one token split of one (b, h)."""
+    """Partial per-channel sum(K), sum(V), min(V), max(V) over one token split of one (b, h).
+
+    The loop accumulates element-wise into [BLOCK_T, HEAD_DIM] registers and reduces over tokens once at the end:
+    a reduction per tile (cross-warp, through shared memory) made the pass latency-bound (H200: 108 -> 58 us on
+    CogVideoX-2B's K and V, 259 -> 129 us on the HunyuanVideo-like shape)."""
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -44,10 +48,10 @@ def _kv_stats_kernel(k_ptr, v_ptr, ksum_ptr, vsum_ptr, vmin_ptr, vmax_ptr,
     v_base = v_ptr + b * svb + h * svh
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, HEAD_DIM)
-    ksum = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    vsum = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    vmin = tl.full([HEAD_DIM], float("inf"), dtype=tl.float32)
-    vmax = tl.full([HEAD_DIM], float("-inf"), dtype=tl.float32)
+    ksum = tl.zeros([BLOCK_T, HEAD_DIM], dtype=tl.float32)
+    vsum = tl.zeros([BLOCK_T, HEAD_DIM], dtype=tl.float32)
+    vmin = tl.full([BLOCK_T, HEAD_DIM], float("inf"), dtype=tl.float32)
+    vmax = tl.full([BLOCK_T, HEAD_DIM], float("-inf"), dtype=tl.float32)
     start = pid_s * TOK_PER_SPLIT
     end = tl.minimum(start + TOK_PER_SPLIT, NK)
     for t0 in range(start, end, BLOCK_T):
@@ -55,15 +59,15 @@ def _kv_stats_kernel(k_ptr, v_ptr, ksum_ptr, vsum_ptr, vmin_ptr, vmax_ptr,
         msk = (tt < end)[:, None]
         kt = tl.load(k_base + tt[:, None] * skn + offs_d[None, :] * skd, mask=msk, other=0.0).to(tl.float32)
         vt = tl.load(v_base + tt[:, None] * svn + offs_d[None, :] * svd, mask=msk, other=0.0).to(tl.float32)
-        ksum += tl.sum(kt, axis=0)
-        vsum += tl.sum(vt, axis=0)
-        vmin = tl.minimum(vmin, tl.min(tl.where(msk, vt, float("inf")), axis=0))
-        vmax = tl.maximum(vmax, tl.max(tl.where(msk, vt, float("-inf")), axis=0))
+        ksum += kt
+        vsum += vt
+        vmin = tl.minimum(vmin, tl.where(msk, vt, float("inf")))
+        vmax = tl.maximum(vmax, tl.where(msk, vt, float("-inf")))
     o = (pid_bh * SPLITS + pid_s) * HEAD_DIM + offs_d
-    tl.store(ksum_ptr + o, ksum)
-    tl.store(vsum_ptr + o, vsum)
-    tl.store(vmin_ptr + o, vmin)
-    tl.store(vmax_ptr + o, vmax)
+    tl.store(ksum_ptr + o, tl.sum(ksum, axis=0))
+    tl.store(vsum_ptr + o, tl.sum(vsum, axis=0))
+    tl.store(vmin_ptr + o, tl.min(vmin, axis=0))
+    tl.store(vmax_ptr + o, tl.max(vmax, axis=0))
 
 
 @triton.jit
@@ -125,7 +129,9 @@ def _kv_quant_kernel(k_ptr, v_ptr, km_ptr, vm_ptr, vinv_ptr, vs_ptr, k8_ptr, ks_
     block's per-channel sum of V's rounding error (reference.v_rounding_bias; `_v_bias_finalize_kernel` sums them).
 
     PERMUTE_V: store token n of each 32-token group at column `attention_sm90.v_column(n)`, the order in which
-    the Gluon kernel's P registers already sit as a wgmma A operand (no shuffles of P before P.V)."""
+    the Gluon kernel's P registers already sit as a wgmma A operand (no shuffles of P before P.V). The tile is
+    permuted in registers (reshape / permute) so the transposed store stays token-contiguous: storing to permuted
+    columns scattered it into 2-byte pieces (H200: 222 -> 133 us on Wan2.1-1.3B's K and V)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -136,6 +142,8 @@ def _kv_quant_kernel(k_ptr, v_ptr, km_ptr, vm_ptr, vinv_ptr, vs_ptr, k8_ptr, ks_
     tok = offs_n.to(tl.int64)
     k = tl.load(k_ptr + b * skb + h * skh + tok[:, None] * skn + offs_d[None, :] * skd,
                 mask=valid, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + b * svb + h * svh + tok[:, None] * svn + offs_d[None, :] * svd,
+                mask=valid, other=0.0).to(tl.float32)                  # both loads in flight at once
     if SMOOTH_K:
         k = k - tl.load(km_ptr + pid_bh * HEAD_DIM + offs_d)[None, :]
     k = tl.where(valid, k, 0.0)
@@ -144,8 +152,6 @@ def _kv_quant_kernel(k_ptr, v_ptr, km_ptr, vm_ptr, vinv_ptr, vs_ptr, k8_ptr, ks_
     row = pid_bh.to(tl.int64) * NK_PAD + tok
     tl.store(k8_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], k8)
     tl.store(ks_ptr + pid_bh * NKB + pid_n, tl.math.div_rn(amax, 127.0))
-    v = tl.load(v_ptr + b * svb + h * svh + tok[:, None] * svn + offs_d[None, :] * svd,
-                mask=valid, other=0.0).to(tl.float32)
     if SMOOTH_V:
         v = v - tl.load(vm_ptr + pid_bh * HEAD_DIM + offs_d)[None, :]
     v = tl.where(valid, v, 0.0)
@@ -156,12 +162,11 @@ def _kv_quant_kernel(k_ptr, v_ptr, km_ptr, vm_ptr, vinv_ptr, vs_ptr, k8_ptr, ks_
         v8 = v.to(tl.float16)
         deq = v8.to(tl.float32)
     tl.store(vb_ptr + (pid_bh * NKB + pid_n) * HEAD_DIM + offs_d, tl.sum(v - deq, axis=0))
+    if PERMUTE_V:  # token 16a + 8b + 2c + e (a, b, e < 2, c < 4) -> column 16a + 4c + 2b + e
+        v8 = tl.reshape(tl.permute(tl.reshape(v8, [BLOCK_N // 32, 2, 2, 4, 2, HEAD_DIM]), [0, 1, 3, 2, 4, 5]),
+                        [BLOCK_N, HEAD_DIM])
     vrow = pid_bh.to(tl.int64) * HEAD_DIM + offs_d
-    col = tok
-    if PERMUTE_V:
-        r = offs_n % 32
-        col = (offs_n - r + 16 * (r // 16) + 4 * ((r % 8) // 2) + 2 * ((r // 8) % 2) + r % 2).to(tl.int64)
-    tl.store(vt_ptr + vrow[None, :] * NK_PAD + col[:, None], v8)
+    tl.store(vt_ptr + vrow[None, :] * NK_PAD + tok[:, None], v8)
 
 
 @triton.jit
@@ -334,7 +339,7 @@ def quant_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm
     emulate = interpreting()
 
     # 1) statistics for K smoothing and V smoothing / per-channel V scale
-    block_t = 64
+    block_t = 2048 // d  # register tiles of 2,048 elements, ~4 programs per SM (swept on an H200, NOTES.md)
     target = 4 * num_sms(dev)
     splits = max(1, min(triton.cdiv(nk, block_t), triton.cdiv(target, bh)))
     tok_per_split = triton.cdiv(triton.cdiv(nk, splits), block_t) * block_t
@@ -367,7 +372,7 @@ def quant_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm
     _kv_quant_kernel[(nkb, bh)](k, v, km, vm, vinv, vs, k8, ks, vt, vb, h, nk, nk_pad, nkb,
                                 *k.stride(), *v.stride(), HEAD_DIM=d, BLOCK_N=block_n,
                                 SMOOTH_K=smooth_k, SMOOTH_V=smooth_v, PV_FP8=pv_fp8, EMULATE_FP8=emulate,
-                                PERMUTE_V=use_fa3, num_warps=4 if block_n * d <= 8192 else 8)
+                                PERMUTE_V=use_fa3, num_warps=4)
     vm_bias = torch.empty_like(vm)                           # the epilogue adds V's mean and its rounding bias
     _v_bias_finalize_kernel[(bh,)](vm, vb, vm_bias, nkb, float(nk), HEAD_DIM=d, BLOCK_R=32, num_warps=4)
     vm = vm_bias
