@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn as nn
 
 from workbench.bench.page import targets
 from workbench.bench import e2e as bench_e2e
@@ -310,3 +311,19 @@ def test_join_pages_of_two_gpus_of_one_host(tmp_path, capsys):
     assert (tmp_path / "kept.md").read_text() == "a page of mine"
     with pytest.raises(SystemExit, match="not a `workbench bench` result"):
         page.main([str(paths[0]), str(out.with_suffix(".md")), "--out", str(tmp_path / "y.md")])
+
+
+def test_weight_bytes_counts_wrapper_subclass_weights_by_their_inner_tensors():
+    """torchao keeps quantized weights in wrapper tensor subclasses with no storage of their own (their data_ptr
+    raises): the weights are counted through their inner tensors, each shared storage once."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    lin = nn.Linear(64, 32, bias=False)
+    codes = torch.zeros(32, 64, dtype=torch.int8)
+    scales = torch.zeros(32, 64, dtype=torch.int8)
+    lin.weight = nn.Parameter(TwoTensor(codes, scales), requires_grad=False)
+    with pytest.raises(RuntimeError):
+        lin.weight.untyped_storage().data_ptr()  # what failed the torchao rows
+    model = nn.Sequential(lin, nn.Linear(64, 8))
+    model.register_buffer("shared", model[1].weight.data)  # same storage as a parameter: counted once
+    assert bench_e2e.weight_bytes(model) == 2 * 32 * 64 + (8 * 64 + 8) * 4

@@ -265,3 +265,19 @@ def test_module_gelu_and_swap_linears():
         assert R.rel_error(model(x), ref) < 0.03
         fused = D.W8A8Linear.from_linear(nn.Linear(64, 128), activation="gelu_tanh")
         assert "gelu_tanh" in repr(fused)
+
+
+def test_library_gemm_eligibility_names_each_reason():
+    """Which products `scaled_mm(impl="auto")` may hand to torch._scaled_mm row-wise, and why not the others."""
+    from workbench.kernels.scaled_mm import library_ineligible, scaled_mm
+
+    f8 = torch.zeros(32, 64).to(torch.float8_e4m3fn)
+    i8 = torch.zeros(32, 64, dtype=torch.int8)
+    assert "int8" in library_ineligible(i8, i8, None, None, torch.bfloat16, False)
+    assert "gelu_tanh" in library_ineligible(f8, f8, None, "gelu_tanh", torch.bfloat16, False)
+    assert "asymmetric" in library_ineligible(f8, f8, None, None, torch.bfloat16, True)
+    assert "float16" in library_ineligible(f8, f8, None, None, torch.float16, False)
+    assert "multiple of 16" in library_ineligible(f8[:, :40], f8[:24, :40], None, None, torch.bfloat16, False)
+    assert "sm_90" in library_ineligible(f8, f8, None, None, torch.bfloat16, False)  # this CPU
+    with pytest.raises(ValueError, match="impl='cublas' cannot compute this product: not an sm_90"):
+        scaled_mm(f8, torch.ones(32), f8, torch.ones(32), impl="cublas")

@@ -203,6 +203,24 @@ def test_fp8_cogvideox_qkv_autotuned(precise):
     _fp8(QKV, None, "auto", None, precise, seed=6)
 
 
+@pytest.mark.parametrize("precise", [False, True], ids=["fast_accum", "precise_accum"])
+def test_fp8_library_path(precise):
+    """The cuBLAS row-wise path (`impl="cublas"`, which `auto` picks per shape where it measured faster) within the
+    same bound as the Triton kernel; `auto` then records one pick per shape key and an ineligible product (GELU)
+    is refused by name."""
+    _need("fp8")
+    if not _hopper():
+        pytest.skip("torch._scaled_mm row-wise needs sm_90+")
+    from workbench.kernels import scaled_mm as S
+    _fp8(QKV, None, "cublas", None, precise, seed=9)
+    _fp8(QKV, None, "auto", None, precise, seed=9)
+    assert any(key[1:3] == (QKV[2], QKV[1]) for key in S._LIBRARY)
+    a = torch.zeros(64, 128, device=DEV).to(torch.float8_e4m3fn)
+    one = torch.ones(64, device=DEV)
+    with pytest.raises(ValueError, match="gelu_tanh"):
+        S.scaled_mm(a, one, a, one, None, "gelu_tanh", impl="cublas")
+
+
 @pytest.mark.parametrize("impl", ["tma", "ptr"])
 @pytest.mark.parametrize("shape,act", [(FF1, "gelu_tanh"), (FF2, None)], ids=["ff1_gelu", "ff2"])
 def test_fp8_production_configs(impl, shape, act):

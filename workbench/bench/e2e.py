@@ -330,10 +330,21 @@ def _time(fn: Callable[[], Any], iters: int, device: torch.device) -> list[float
     return out
 
 
+def _plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding a tensor's data: itself, or a wrapper subclass's inner tensors (torchao's fp8 /
+    int8 weights keep codes and scales inside a wrapper without storage of its own), recursively."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if not is_traceable_wrapper_subclass(t):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [leaf for name in names for leaf in _plain_tensors(getattr(t, name))]
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the model's parameters and buffers (each storage once): the weights a deployment keeps resident."""
     seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
+    for t in [leaf for p in list(model.parameters()) + list(model.buffers()) for leaf in _plain_tensors(p)]:
         key = (t.untyped_storage().data_ptr(), t.device) if t.device.type != "meta" else id(t)
         if key not in seen:
             seen.add(key)

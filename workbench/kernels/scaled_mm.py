@@ -12,6 +12,10 @@ Two implementations:
   TMA-descriptor loads (OOB zero-fill handles ragged M/N/K), wgmma pipelined over num_stages,
   TMA store of the epilogue, optionally split in two halves (EPILOGUE_SUBTILE) to free SMEM.
 * ``ptr``: classic tiled kernel with pointer loads (sm_80/sm_89, or when TMA alignment fails).
+* ``cublas``: `torch._scaled_mm` with row-wise scales (cuBLAS / CUTLASS, sm_90+, e4m3, bf16 out, no activation).
+  ``auto`` times it once per shape against the tuned Triton kernel and keeps the faster: on an H200 cuBLAS was
+  1.4x faster at Wan2.1-1.3B's 32,760 x 1536 x 1536 (a short K loop, where its epilogue overlaps the next tile's
+  loads), while the Triton kernel wins where it fuses GELU (NOTES.md).
 """
 
 from __future__ import annotations
@@ -180,6 +184,36 @@ _ptr_tuned = triton.autotune(configs=_ptr_configs(), key=_KEY, do_bench=fast_ben
 
 
 _BEST: Dict[tuple, Dict[str, Any]] = {}  # tuning key -> explicit config (see scaled_mm)
+_LIBRARY: Dict[tuple, bool] = {}  # shape key -> whether torch._scaled_mm (cuBLAS) was faster than the Triton kernel
+LIBRARY_MARGIN = 0.97  # cuBLAS is picked when it takes at most this fraction of the Triton kernel's time
+
+
+def library_ineligible(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], activation: Optional[str],
+                       out_dtype: torch.dtype, has_zp: bool) -> Optional[str]:
+    """Why `torch._scaled_mm` row-wise cannot compute this product (None when it can): it needs e4m3 operands on
+    an sm_90+ GPU, bf16 output, no fused activation or zero point, and N, K multiples of 16."""
+    if a.dtype != torch.float8_e4m3fn:
+        return "int8 operands (torch._scaled_mm row-wise takes e4m3)"
+    if activation is not None:
+        return f"a fused {activation} epilogue"
+    if has_zp:
+        return "asymmetric activations"
+    if out_dtype != torch.bfloat16:
+        return f"{out_dtype} output (row-wise scaling writes bf16)"
+    if a.shape[1] % 16 or b.shape[0] % 16:
+        return "N or K not a multiple of 16"
+    if interpreting() or not a.is_cuda or torch.cuda.get_device_capability(a.device)[0] < 9:
+        return "not an sm_90+ GPU"
+    return None
+
+
+def _library_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                bias: Optional[torch.Tensor], precise_fp8: bool) -> torch.Tensor:
+    """The product by torch._scaled_mm with row-wise scales; fast accumulation unless precise_fp8 (the same
+    trade-off as the Triton kernel's MAX_IMPRECISE)."""
+    return torch._scaled_mm(a, b.t(), scale_a=a_scale.view(-1, 1), scale_b=b_scale.view(1, -1),
+                            bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16,
+                            use_fast_accum=not precise_fp8)
 
 
 def _config_dict(cfg: "triton.Config") -> Dict[str, Any]:
@@ -204,7 +238,8 @@ def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: 
     """(a @ b.T - a_zero b_sum^T) * a_scale[:, None] * b_scale[None, :] + bias (+GELU) for int8 or e4m3 a [M,K],
     b [N,K]; a_zero [M] / b_sum [N] (fp32, int8 only) give asymmetric activations (module docstring).
 
-    impl: "auto" (TMA persistent on sm_90+, else pointer), "tma" or "ptr". config: explicit
+    impl: "auto" (TMA persistent on sm_90+, else pointer; cuBLAS where `library_ineligible` allows and it measured
+    faster, once per shape), "tma", "ptr" or "cublas". config: explicit
     {BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, EPILOGUE_SUBTILE]} skips autotuning.
     precise_fp8: promote the fp8 wgmma accumulator to fp32 every BLOCK_K (Hopper), slower but exact-er.
     """
@@ -226,6 +261,22 @@ def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: 
     has_zp = a_zero is not None
     a_zero = a_zero.reshape(-1).float().contiguous() if has_zp else a_scale
     b_sum = b_sum.reshape(-1).float().contiguous() if has_zp else b_scale
+    if impl == "cublas" or (impl == "auto" and config is None and m > 0):
+        why = library_ineligible(a, b, bias, activation, out_dtype, has_zp)
+        if impl == "cublas" and why:
+            raise ValueError(f"impl='cublas' cannot compute this product: {why}; use impl='auto'")
+        if why is None:
+            key = (m_bucket(m), n, k, bias is not None, precise_fp8)
+            if impl == "auto" and key not in _LIBRARY:
+                def triton_call() -> torch.Tensor:
+                    return scaled_mm(a, a_scale, b, b_scale, bias, None, out_dtype, impl="tma" if tma_ok(a, b) else
+                                     "ptr", precise_fp8=precise_fp8)
+                triton_call()  # autotunes the Triton kernel first, so the comparison is against its best config
+                t_triton = fast_bench(triton_call)
+                t_library = fast_bench(lambda: _library_mm(a, a_scale, b, b_scale, bias, precise_fp8))
+                _LIBRARY[key] = t_library <= LIBRARY_MARGIN * t_triton
+            if impl == "cublas" or _LIBRARY[key]:
+                return _library_mm(a, a_scale, b, b_scale, bias, precise_fp8)
     c = torch.empty((m, n), device=a.device, dtype=out_dtype)
     if m == 0:
         return c
