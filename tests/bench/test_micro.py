@@ -13,7 +13,7 @@ import pytest
 def test_attention_peers_run_in_their_own_processes(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-m", "workbench.bench.micro", "--dry-run-cpu", "--only", "attention",
-                           "--skip-checks", "--quick", "--models", "Wan2.1-1.3B"], env=env, capture_output=True,
+                           "--skip-checks", "--quick", "--attn-models", "Wan2.1-1.3B"], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {r["method"]: r for r in json.loads((tmp_path / "gpu_kernels_bench.json").read_text())["rows"]}
@@ -28,3 +28,16 @@ def test_attention_peers_run_in_their_own_processes(tmp_path):
         assert "git clone https://github.com/thu-ml/SageAttention" in sage["error"]
     ours = next(r for m, r in rows.items() if m.startswith("ours int8 QK"))
     assert ours["speedup"] == pytest.approx(base["ms"] / ours["ms"])  # against the other process's baseline
+
+
+def test_attention_shapes_include_the_hunyuan_like_case_and_unknown_names_are_refused():
+    """The three shapes of the attention target are timed by default; a misspelt shape name is an error that
+    lists the known ones."""
+    from workbench.bench import micro
+
+    assert micro.ATTN_SHAPES["HunyuanVideo-like"] == (1, 24, 32768, 128)
+    assert set(micro.ATTN_SHAPES) == set(micro.ATTN_SHAPES_DRY)
+    proc = subprocess.run([sys.executable, "-m", "workbench.bench.micro", "--dry-run-cpu", "--only", "attention",
+                           "--skip-checks", "--attn-models", "Hunyuan"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown --attn-models ['Hunyuan']" in proc.stderr
+    assert "HunyuanVideo-like" in proc.stderr

@@ -455,8 +455,10 @@ def bench_linears(quick: bool, budget: float, models: List[str]) -> None:
                 torch.cuda.empty_cache()
 
 
-ATTN_SHAPES = {"CogVideoX-2B": (1, 30, 17776, 64), "Wan2.1-1.3B": (1, 12, 32760, 128)}  # B, H, N, D
-ATTN_SHAPES_DRY = {"CogVideoX-2B": (1, 2, 70, 32), "Wan2.1-1.3B": (1, 1, 50, 16)}
+# B, H, N, D; HunyuanVideo-like: 24 heads of 128 at 32,768 tokens (attention only: no linear rows for it)
+ATTN_SHAPES = {"CogVideoX-2B": (1, 30, 17776, 64), "Wan2.1-1.3B": (1, 12, 32760, 128),
+               "HunyuanVideo-like": (1, 24, 32768, 128)}
+ATTN_SHAPES_DRY = {"CogVideoX-2B": (1, 2, 70, 32), "Wan2.1-1.3B": (1, 1, 50, 16), "HunyuanVideo-like": (1, 1, 40, 16)}
 # The peers, each timed in its own process (method label -> peer); the first is the speed-up baseline.
 ATTN_PEERS = {"SDPA bf16 (backend torch picks)": "sdpa", "SDPA bf16 CUDNN_ATTENTION": "cudnn",
               "SDPA bf16 FLASH_ATTENTION": "flash", "SageAttention2 sageattn (int8 QK, fp8 PV)": "sage"}
@@ -648,7 +650,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer variants and shorter timing")
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--only", choices=["linear", "attention"], default=None)
-    ap.add_argument("--models", default="CogVideoX-2B,Wan2.1-1.3B")
+    ap.add_argument("--models", default="CogVideoX-2B,Wan2.1-1.3B", help="models of the linear rows")
+    ap.add_argument("--attn-models", default=",".join(ATTN_SHAPES), help="attention shapes (names of ATTN_SHAPES)")
     ap.add_argument("--budget", type=float, default=225.0, help="seconds after which remaining timings are skipped")
     ap.add_argument("--dry-run-cpu", action="store_true",
                     help="exercise this script on CPU with tiny shapes in the Triton interpreter (no timings)")
@@ -674,13 +677,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     if reason:
         log(f"WARNING: Triton path unavailable: {reason}")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    attn_models = [m.strip() for m in args.attn_models.split(",") if m.strip()]
+    unknown = [m for m in attn_models if m not in ATTN_SHAPES]
+    if unknown:
+        ap.error(f"unknown --attn-models {unknown}; known: {list(ATTN_SHAPES)}")
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 references must be real fp32
     torch.backends.cudnn.allow_tf32 = False
     if not args.skip_checks:
         run_checks(args.quick)
     # attention first: it decides the end-to-end speed at these token counts, so a tight budget keeps it
     if args.only in (None, "attention"):
-        bench_attention(args.quick, args.budget, models, args.peer_timeout)
+        bench_attention(args.quick, args.budget, attn_models, args.peer_timeout)
     if args.only in (None, "linear"):
         bench_linears(args.quick, args.budget + 20, models)
     md = markdown()
