@@ -267,7 +267,7 @@ def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: 
             raise ValueError(f"impl='cublas' cannot compute this product: {why}; use impl='auto'")
         if why is None:
             key = (m_bucket(m), n, k, bias is not None, precise_fp8)
-            if impl == "auto" and key not in _LIBRARY:
+            if impl == "auto" and key not in _LIBRARY and not torch.cuda.is_current_stream_capturing():
                 def triton_call() -> torch.Tensor:
                     return scaled_mm(a, a_scale, b, b_scale, bias, None, out_dtype, impl="tma" if tma_ok(a, b) else
                                      "ptr", precise_fp8=precise_fp8)
@@ -275,7 +275,7 @@ def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: 
                 t_triton = fast_bench(triton_call)
                 t_library = fast_bench(lambda: _library_mm(a, a_scale, b, b_scale, bias, precise_fp8))
                 _LIBRARY[key] = t_library <= LIBRARY_MARGIN * t_triton
-            if impl == "cublas" or _LIBRARY[key]:
+            if impl == "cublas" or _LIBRARY.get(key, False):  # not timed yet inside a CUDA graph capture: Triton
                 return _library_mm(a, a_scale, b, b_scale, bias, precise_fp8)
     c = torch.empty((m, n), device=a.device, dtype=out_dtype)
     if m == 0:
