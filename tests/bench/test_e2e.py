@@ -327,3 +327,41 @@ def test_weight_bytes_counts_wrapper_subclass_weights_by_their_inner_tensors():
     model = nn.Sequential(lin, nn.Linear(64, 8))
     model.register_buffer("shared", model[1].weight.data)  # same storage as a parameter: counted once
     assert bench_e2e.weight_bytes(model) == 2 * 32 * 64 + (8 * 64 + 8) * 4
+
+
+def test_bench_on_two_gpus_runs_the_parts_at_once_and_joins_them(tmp_path, capsys):
+    """`--gpus 0,1`: the kernel part and each model's tables run as sub-processes, one per GPU at a time, all GPUs at
+    once (the dry run on the CPU checks the scheduling and the join; CUDA_VISIBLE_DEVICES names each part's GPU);
+    every row of a model comes from one part; bad GPU lists are refused by name."""
+    from workbench.bench import parallel
+    from workbench.bench.page import BenchSettings, run_bench
+
+    out = tmp_path / "bench.md"
+    s = BenchSettings(out=str(out), skip_micro=True, dry_run_cpu=True, e2e_variants="bf16 eager,ours W4A8",
+                      loop_variants="bf16 eager", loop_steps=2, gpus="0,1")
+    result = run_bench(s)
+    log = capsys.readouterr().out
+    assert "[GPU 0]" in log and "[GPU 1]" in log
+    parts = {p["label"]: p for p in result["gpu_parts"]}
+    assert set(parts) == {"CogVideoX (tiny)", "Wan (tiny)"} and {p["gpu"] for p in parts.values()} == {"0", "1"}
+    assert all(p["returncode"] == 0 for p in parts.values())
+    assert {(r["model"], r["variant"]) for r in result["e2e"] if r["ms"]} == \
+        {(m, v) for m in parts for v in ("bf16 eager", "ours W4A8")}
+    assert {r["model"] for r in result["loop"] if r["s_per_video"]} == set(parts)
+    whats = [p["what"] for p in result["parts"]]
+    assert len(whats) == 2 and all("(GPU " in w for w in whats)
+    assert "joins calls on one GPU model" in out.read_text()
+    assert sorted(p.name for p in parallel.parts_dir(out).glob("part*.json")) == ["part0.json", "part1.json"]
+
+    with pytest.raises(ValueError, match="distinct GPU indices"):
+        parallel.parse_gpus("0,0", dry_run=True)
+    with pytest.raises(ValueError, match="distinct GPU indices"):
+        parallel.parse_gpus("gpu0", dry_run=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="has 0 CUDA GPU"):
+            parallel.parse_gpus("1", dry_run=False)
+    kernels = parallel.parts_of(BenchSettings(out=str(out), dry_run_cpu=True), ["A", "B"])
+    assert [label for label, _ in kernels] == ["kernels", "A", "B"]
+    assert kernels[0][1].skip_e2e and kernels[0][1].skip_loop and kernels[1][1].skip_micro
+    argv = parallel.argv_of(kernels[1][1], out)
+    assert argv[argv.index("--models") + 1] == "A" and "--skip-micro" in argv and "--gpus" not in argv

@@ -50,6 +50,7 @@ class BenchSettings:
     force: bool = False
     append: bool = False  # extend an earlier run's page (same GPU) instead of replacing it
     gpu_tests_timeout_s: float = 480.0  # the GPU kernel test module runs with the kernel part (not with --skip-micro)
+    gpus: str | None = None  # "0,1" / "all": the kernel part and each model's tables at once on these GPUs (parallel.py)
 
 
 def merge_e2e(old: list[dict], new: list[dict], measured: str = "ms") -> list[dict]:
@@ -245,11 +246,11 @@ def write_markdown(path: Path, env: dict, tgt: list[dict], micro_md: str | None,
                    loop_md: str | None = None, loop_title: str = "") -> None:
     head = (f"Written by `workbench bench` on {env['date']}: **{env['gpu']}**, torch {env['torch']}, "
             f"triton {env['triton']}, diffusers {env['diffusers']}, torchao {env['torchao']}; "
-            f"{'the calls took' if parts and len(parts) > 1 else 'run took'} {wall_s / 60:.1f} min.")
+            f"{'the calls took' if parts and len(parts) > 1 else 'run took'} {wall_s / 60:.1f} min"
+            f"{' of GPU time in all' if parts and len(parts) > 1 else ''}.")
     if parts and len(parts) > 1:
-        head += (" The page joins calls on one GPU model (`--append`, or `python -m workbench.bench.page A.json "
-                 "B.json --out PAGE.md` for calls run at once on two GPUs of one host; the device's per-command limit "
-                 "is 10 minutes): "
+        head += (" The page joins calls on one GPU model (`--append`; `--gpus 0,1` or `python -m workbench.bench.page "
+                 "A.json B.json --out PAGE.md` for calls run at once on GPUs of one host): "
                  + "; ".join(f"{p['date']} {p['what']} ({p['wall_s'] / 60:.1f} min)" for p in parts) + ".")
     lines = ["# GPU benchmarks", "", head, "", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |" for t in tgt]
@@ -305,6 +306,14 @@ def run_bench(s: BenchSettings) -> dict[str, Any]:
     if out.exists() and not s.force and not s.append and not s.dry_run_cpu:
         raise FileExistsError(f"{out} exists; pass --force to replace it, --append to extend it (same GPU), "
                               "or --out another path")
+    if s.gpus:
+        from workbench.bench import e2e as bench_e2e
+        from workbench.bench.parallel import run_parallel
+
+        names = [c.name for c in bench_e2e.cases(s.dry_run_cpu)]
+        wanted = [n for n in names if not s.models or any(m.strip() in n for m in s.models.split(","))]
+        previous = load_previous(out.with_suffix(".json"), environment()) if s.append else None
+        return run_parallel(s, wanted, previous)
     t0 = time.time()
     env = environment()
     micro_rows: list[dict] = []
