@@ -118,7 +118,6 @@ def sweep(dry: bool, out: str | None) -> list[dict]:
             if permute:
                 row["same_codes"] = bool(torch.equal(vt, want_vt))
             emit(row)
-        del base, k, v
     return rows
 
 
