@@ -333,6 +333,8 @@ def test_bench_on_two_gpus_runs_the_parts_at_once_and_joins_them(tmp_path, capsy
     """`--gpus 0,1`: the kernel part and each model's tables run as sub-processes, one per GPU at a time, all GPUs at
     once (the dry run on the CPU checks the scheduling and the join; CUDA_VISIBLE_DEVICES names each part's GPU);
     every row of a model comes from one part; bad GPU lists are refused by name."""
+    import json
+
     from workbench.bench import parallel
     from workbench.bench.page import BenchSettings, run_bench
 
@@ -351,7 +353,8 @@ def test_bench_on_two_gpus_runs_the_parts_at_once_and_joins_them(tmp_path, capsy
     whats = [p["what"] for p in result["parts"]]
     assert len(whats) == 2 and all("(GPU " in w for w in whats)
     assert "joins calls on one GPU model" in out.read_text()
-    assert sorted(p.name for p in parallel.parts_dir(out).glob("part*.json")) == ["part0.json", "part1.json"]
+    assert sorted(p.name for p in parallel.parts_dir(out).glob("part?.*")) == \
+        [f"part{i}.{ext}" for i in (0, 1) for ext in ("json", "log", "md", "settings.json")]
 
     with pytest.raises(ValueError, match="distinct GPU indices"):
         parallel.parse_gpus("0,0", dry_run=True)
@@ -363,5 +366,8 @@ def test_bench_on_two_gpus_runs_the_parts_at_once_and_joins_them(tmp_path, capsy
     kernels = parallel.parts_of(BenchSettings(out=str(out), dry_run_cpu=True), ["A", "B"])
     assert [label for label, _ in kernels] == ["kernels", "A", "B"]
     assert kernels[0][1].skip_e2e and kernels[0][1].skip_loop and kernels[1][1].skip_micro
-    argv = parallel.argv_of(kernels[1][1], out)
-    assert argv[argv.index("--models") + 1] == "A" and "--skip-micro" in argv and "--gpus" not in argv
+    argv = parallel.argv_of(kernels[1][1], tmp_path / "p.md", tmp_path / "p.settings.json")
+    written = json.loads((tmp_path / "p.settings.json").read_text())
+    assert argv[-1] == str(tmp_path / "p.settings.json") and argv[-2] == "workbench.bench.parallel"
+    assert written["models"] == "A" and written["skip_micro"] and written["gpus"] is None
+    assert written["out"] == str(tmp_path / "p.md") and written["force"]

@@ -297,6 +297,14 @@ def render(out: Path, data: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def wanted_models(s: BenchSettings) -> list[str]:
+    """The end-to-end cases `s.models` (comma-separated substrings) selects; all of them when it is empty."""
+    from workbench.bench import e2e as bench_e2e
+
+    names = [c.name for c in bench_e2e.cases(s.dry_run_cpu)]
+    return [n for n in names if not s.models or any(m.strip() in n for m in s.models.split(","))]
+
+
 def run_bench(s: BenchSettings) -> dict[str, Any]:
     """Run what the settings ask for and write the markdown page; returns the raw results."""
     if not s.dry_run_cpu and not torch.cuda.is_available():
@@ -307,13 +315,10 @@ def run_bench(s: BenchSettings) -> dict[str, Any]:
         raise FileExistsError(f"{out} exists; pass --force to replace it, --append to extend it (same GPU), "
                               "or --out another path")
     if s.gpus:
-        from workbench.bench import e2e as bench_e2e
         from workbench.bench.parallel import run_parallel
 
-        names = [c.name for c in bench_e2e.cases(s.dry_run_cpu)]
-        wanted = [n for n in names if not s.models or any(m.strip() in n for m in s.models.split(","))]
         previous = load_previous(out.with_suffix(".json"), environment()) if s.append else None
-        return run_parallel(s, wanted, previous)
+        return run_parallel(s, wanted_models(s), previous)
     t0 = time.time()
     env = environment()
     micro_rows: list[dict] = []
@@ -365,8 +370,7 @@ def run_bench(s: BenchSettings) -> dict[str, Any]:
     from workbench.bench import loop as bench_loop
 
     result = write()
-    names = [c.name for c in bench_e2e.cases(s.dry_run_cpu)]
-    wanted = [n for n in names if not s.models or any(m.strip() in n for m in s.models.split(","))]
+    wanted = wanted_models(s)
     common = (["--dry-run-cpu"] if s.dry_run_cpu else []) + (["--in-process"] if s.in_process else []) + \
              (["--variant-timeout", str(s.variant_timeout_s)] if s.variant_timeout_s else []) + ["--out", ""]
     if not s.skip_e2e:

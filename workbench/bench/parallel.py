@@ -21,14 +21,6 @@ from typing import Any
 
 import torch
 
-# BenchSettings field -> `workbench bench` flag (booleans are switches; None values are left out)
-FLAGS = {"quick": "--quick", "micro_budget_s": "--micro-budget", "gpu_tests_timeout_s": "--gpu-tests-timeout",
-         "e2e_budget_s": "--e2e-budget", "models": "--models", "e2e_variants": "--variants",
-         "loop_variants": "--loop-variants", "loop_steps": "--loop-steps", "loop_budget_s": "--loop-budget",
-         "variant_timeout_s": "--variant-timeout", "in_process": "--in-process", "skip_micro": "--skip-micro",
-         "skip_e2e": "--skip-e2e", "skip_loop": "--skip-loop", "dry_run_cpu": "--dry-run-cpu"}
-
-
 def parse_gpus(text: str, dry_run: bool) -> list[str]:
     """The GPU indices of `--gpus` ("0,1" or "all"); refuses indices this machine does not have (a dry run on the
     CPU takes any, to check the logic)."""
@@ -45,16 +37,11 @@ def parse_gpus(text: str, dry_run: bool) -> list[str]:
     return gpus
 
 
-def argv_of(settings: Any, out: Path) -> list[str]:
-    """The `workbench bench` command line of one part's settings, writing its page to `out`."""
-    argv = [sys.executable, "-m", "workbench", "bench", "--force", "--out", str(out)]
-    for name, flag in FLAGS.items():
-        value = getattr(settings, name)
-        if isinstance(value, bool):
-            argv += [flag] if value else []
-        elif value is not None:
-            argv += [flag, str(value)]
-    return argv
+def argv_of(settings: Any, out: Path, settings_path: Path) -> list[str]:
+    """The command that runs one part: its settings (page at `out`) written to `settings_path` as JSON, read back
+    by this module's `__main__` (no flag list to keep in step with the CLI's)."""
+    settings_path.write_text(json.dumps({**asdict(settings), "out": str(out), "force": True}))
+    return [sys.executable, "-m", "workbench.bench.parallel", str(settings_path)]
 
 
 def parts_of(settings: Any, models: list[str]) -> list[tuple[str, Any]]:
@@ -96,7 +83,8 @@ def run_parts(settings: Any, models: list[str], gpus: list[str], work: Path,
             with lock:
                 log(f"[GPU {gpu}] {label}: started")
             with open(work / f"part{i}.log", "w") as fh:
-                rec["returncode"] = subprocess.run(argv_of(part, out), env=env, stdout=fh,
+                rec["returncode"] = subprocess.run(argv_of(part, out, work / f"part{i}.settings.json"), env=env,
+                                                   stdout=fh,
                                                    stderr=subprocess.STDOUT).returncode
             rec["end"] = time.time()
             rec["json"] = str(out.with_suffix(".json")) if out.with_suffix(".json").exists() else None
@@ -145,3 +133,11 @@ def run_parallel(settings: Any, models: list[str], previous: dict | None = None)
     data["gpu_parts"] = [{"label": r["label"], "gpu": r["gpu"], "returncode": r["returncode"],
                           "seconds": round(r["end"] - r["start"], 1)} for r in records]
     return page.render(out, data)
+
+
+if __name__ == "__main__":  # one part: `python -m workbench.bench.parallel SETTINGS.json` (written by argv_of)
+    from workbench.bench.page import BenchSettings, run_bench
+
+    part = BenchSettings(**json.loads(Path(sys.argv[1]).read_text()))
+    for t in run_bench(part)["targets"]:
+        print(f"[{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['measured']}")
