@@ -1,18 +1,13 @@
 """scripts/attention_sweep.py: the H200 attention table's script; on a machine without CUDA it says so."""
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
+from script_loader import load_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "attention_sweep.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("attention_sweep", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("attention_sweep")
 
 
 def test_without_cuda_it_refuses_clearly(tmp_path):

@@ -1,12 +1,12 @@
 """scripts/bench_ablations.py: verdicts, means over seed blocks, the PTQ-only variant, cache reuse, the tables."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -14,10 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def abl():
     sys.path.insert(0, str(ROOT / "scripts"))
-    spec = importlib.util.spec_from_file_location("bench_ablations", ROOT / "scripts" / "bench_ablations.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_ablations")
 
 
 def row(acc: float, psnr: float, **extra) -> dict:

@@ -1,23 +1,19 @@
 """scripts/bench_quality.py: table order, the quality bar, cache keys, the marked section, a cached rerun."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+from script_loader import load_script  # noqa: E402
 from stage_helpers import tiny_world_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "scripts" / "bench_quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_quality")
 
 
 def test_table_groups_bit_widths_with_naive_first(bench):

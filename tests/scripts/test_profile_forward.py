@@ -1,19 +1,14 @@
 """scripts/profile_forward.py: the NOTES.md profile table's script; its logic on the tiny CPU case."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from script_loader import load_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "profile_forward.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("profile_forward", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("profile_forward")
 
 
 def test_dry_run_profiles_the_tiny_case(tmp_path):
