@@ -330,6 +330,48 @@ for _name in ("rows", "layernorm", "rmsnorm", "gelu"):
         check(_mkq())
 
 
+def _residual_norm_check(fp8: bool, two_segments: bool) -> Tuple[float, float]:
+    """`residual_norm_quant` (residual + gated branch -> new residual, LayerNorm, AdaLN, quantization) vs its reference:
+    CogVideoX's form (text and video segments with their own gates / modulation, affine norm, per-batch vectors
+    [B, 1, K]) or Wan's (one segment, no gate, per-token modulation [B, N, K]). The new residual must match bit for
+    bit (same fp32 sum, round to nearest even bf16 on both sides); codes and scales as in `_quant_check`."""
+    from workbench.kernels import act_quant as Q
+    g = _g(9)
+    k, bsz = 200, 2
+    ns = (3, 11) if two_segments else (13,)
+    xs = [torch.randn(bsz, n, k, generator=g).bfloat16() * 2 + 1 for n in ns]
+    y = torch.randn(bsz, sum(ns), k, generator=g).bfloat16()
+    if two_segments:
+        gates = [torch.randn(bsz, 1, k, generator=g).bfloat16() for _ in ns]
+        scales = [(torch.randn(bsz, 1, k, generator=g) * 0.3).bfloat16() for _ in ns]
+        shifts = [torch.randn(bsz, 1, k, generator=g).bfloat16() for _ in ns]
+        w, b = torch.randn(k, generator=g).bfloat16(), torch.randn(k, generator=g).bfloat16()
+    else:
+        gates, w, b = [], None, None
+        scales = [torch.randn(bsz, ns[0], k, generator=g) * 0.3]
+        shifts = [torch.randn(bsz, ns[0], k, generator=g)]
+    q, s, res = Q.residual_norm_quant(xs, y, gates, w, b, 1e-5, scales, shifts, fp8=fp8)
+    qr, sr, resr = R.residual_norm_quant_ref(xs, y, gates, w, b, 1e-5, scales, shifts, fp8=fp8)
+    assert q.dtype == qr.dtype and q.shape == qr.shape == (bsz, sum(ns), k) and s.shape == sr.shape
+    if len(res) != len(ns) or not all(torch.equal(a, c) for a, c in zip(res, resr)):
+        return float("inf"), 1.0
+    step = s[..., None] * (32.0 if fp8 else 1.0)
+    code_err = float(((q.float() * s[..., None] - qr.float() * sr[..., None]).abs() / (step * 1.01)).max())
+    flip_share = float((q.float() != qr.float()).float().mean()) / 2 ** -8
+    scale_err = float(((s.double() - sr.double()).abs() / sr.double()).max()) / 1e-6
+    return max(code_err, flip_share, scale_err), 1.0
+
+
+for _fp8 in (False, True):
+    for _two in (False, True):
+        def _mkr(fp8=_fp8, two=_two):
+            def fn():
+                return _residual_norm_check(fp8, two)
+            fn.__name__ = f"residual_norm_{'cogvideox' if two else 'wan'}_{'fp8' if fp8 else 'int8'}"
+            return fn
+        check(_mkr())
+
+
 # ------------------------------------------------------------------------------------- attention
 
 def _attn_check(impl: str, pv: str, d: int, layout: str, dtype=torch.float32, block_m: int = 16,

@@ -111,6 +111,38 @@ def test_activation_quantizers(producer, fp8):
     assert float(((s.double() - sr.double()).abs() / sr.double()).max()) <= 1e-6
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["int8", "fp8"])
+@pytest.mark.parametrize("model", ["cogvideox", "wan"])
+def test_residual_norm_quant(model, fp8):
+    """A block's residual add + LayerNorm + AdaLN + quantization at the model width: CogVideoX's two segments (226
+    text + 4,099 video tokens, K=1,920, gates, affine norm) or Wan's one (K=1,536, per-batch modulation). The new
+    residual within one bf16 ulp (the GPU may contract x + y * gate into an FMA), codes as in
+    test_activation_quantizers."""
+    _need("fp8" if fp8 else "int8")
+    from workbench.kernels import act_quant as Q
+    from workbench.kernels import reference as R
+
+    g = torch.Generator(device=DEV).manual_seed(3)
+    k, ns = (1920, (226, 4099)) if model == "cogvideox" else (1536, (4099,))
+    r = lambda *shape: torch.randn(*shape, device=DEV, generator=g)  # noqa: E731
+    xs = [(r(2, n, k) * 2).bfloat16() for n in ns]
+    y = r(2, sum(ns), k).bfloat16()
+    gates = [r(2, 1, k).bfloat16() for _ in ns] if model == "cogvideox" else []
+    w, b = (r(k).bfloat16(), r(k).bfloat16()) if model == "cogvideox" else (None, None)
+    scales, shifts = [r(2, 1, k) * 0.3 for _ in ns], [r(2, 1, k) for _ in ns]
+    q, s, res = Q.residual_norm_quant(xs, y, gates, w, b, 1e-5, scales, shifts, fp8=fp8)
+    qr, sr, resr = R.residual_norm_quant_ref(xs, y, gates, w, b, 1e-5, scales, shifts, fp8=fp8)
+    for a, c in zip(res, resr):
+        ulp = 2.0 ** (torch.floor(torch.log2(c.float().abs().clamp_min(2 ** -100))) - 7)
+        assert bool(((a.float() - c.float()).abs() <= ulp).all()), "new residual off by more than one bf16 ulp"
+    qf, qrf = q.double(), qr.double()
+    step = 2.0 ** (torch.floor(torch.log2(qrf.abs().clamp_min(2 ** -6))) - 3) if fp8 else torch.ones_like(qrf)
+    deq = (qf * s.double()[..., None] - qrf * sr.double()[..., None]).abs()
+    assert bool((deq <= 2 * step * s.double()[..., None] * (1 + 1e-3)).all()), "a code differs by more than a step"
+    assert float((qf != qrf).double().mean()) <= 2 ** -6
+    assert float(((s.double() - sr.double()).abs() / sr.double()).max()) <= 1e-2
+
+
 # ------------------------------------------------------------------------------------------ GEMMs
 
 def _w8a8(shape, act, impl, config, seed):

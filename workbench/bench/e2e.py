@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from workbench.bench import isolate, peers
 from workbench.kernels import dispatch, ops
+from workbench.kernels.fused_blocks import fuse_block_norms
 
 # Public configs of the two reference models (transformer/config.json of THUDM/CogVideoX-2b and
 # Wan-AI/Wan2.1-T2V-1.3B-Diffusers); weights are random, shapes and FLOPs are the real ones.
@@ -158,6 +159,7 @@ def swap_ours(model: nn.Module, kind: str) -> int:
                 n += 1
     n += dispatch.swap_linears(model, make, block_or_adaln_linear if kind.startswith("w4a8") else block_linear)
     mark_kernel_inputs(model)
+    fuse_block_norms(model)  # residual + LayerNorm + modulation + quantization in one kernel per block input
     return n  # under torch.compile the modules trace to torch.ops.workbench.* (see kernels/ops.py): no graph breaks
 
 

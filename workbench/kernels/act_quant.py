@@ -1,12 +1,13 @@
 """Fused activation quantization kernels: one pass over bf16 rows -> int8/fp8 codes + per-row fp32 scale.
 
 Variants fuse the producer: plain (``quantize_rows``), LayerNorm (+affine, +AdaLN modulation),
-RMSNorm and GELU-tanh. Semantics are defined by the ``*_ref`` functions in ``reference.py``.
+RMSNorm, GELU-tanh, and a DiT block's residual add + LayerNorm + modulation (``residual_norm_quant``, which also
+writes the new residual stream). Semantics are defined by the ``*_ref`` functions in ``reference.py``.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -132,3 +133,120 @@ def rmsnorm_quant(x: torch.Tensor, weight: Optional[torch.Tensor] = None, eps: f
 def gelu_quant(x: torch.Tensor, fp8: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """GELU-tanh fused with per-token quantization (when GELU is not already in the GEMM epilogue)."""
     return _launch(x, MODE_GELU, fp8)
+
+
+@triton.jit
+def _round_to_dtype(x, DTYPE: tl.constexpr):
+    """fp32 x rounded (nearest even) to DTYPE and back; bf16 by integer bit arithmetic, which the interpreter
+    (whose fp32 -> bf16 cast truncates) and the GPU agree on."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    elif DTYPE == tl.float32:
+        return x
+    else:
+        return x.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _residual_norm_quant_kernel(x_ptr, y_ptr, g_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, r_ptr, q_ptr, s_ptr,
+                                N, K, eps, sxb, sxn, syb, syn, sgb, sgn, scb, scn, shb, shn, srb, srn, sqb, sqn, ssb,
+                                HAS_Y: tl.constexpr, HAS_GATE: tl.constexpr, NORM: tl.constexpr,
+                                HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
+                                HAS_SHIFT: tl.constexpr, OUT_FP8: tl.constexpr, EMULATE_FP8: tl.constexpr,
+                                BLOCK_K: tl.constexpr):
+    """One program per token of one segment [B, N, K]: residual (+ gated branch) -> new residual, LayerNorm,
+    modulation, rounding to the model dtype, absmax, codes + scale; everything stays in registers."""
+    row = tl.program_id(0).to(tl.int64)
+    b = row // N
+    i = row % N
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < K
+    dtype: tl.constexpr = x_ptr.dtype.element_ty
+    h = tl.load(x_ptr + b * sxb + i * sxn + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_Y:
+        y = tl.load(y_ptr + b * syb + i * syn + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_GATE:
+            y = y * tl.load(g_ptr + b * sgb + i * sgn + offs, mask=mask, other=0.0).to(tl.float32)
+        h = _round_to_dtype(h + y, dtype)
+        tl.store(r_ptr + b * srb + i * srn + offs, h.to(dtype), mask=mask)
+    if NORM:
+        mean = tl.sum(h, axis=0) / K
+        hc = tl.where(mask, h - mean, 0.0)
+        var = tl.sum(hc * hc, axis=0) / K
+        h = hc * tl.math.rsqrt(var + eps)
+    if HAS_W:
+        h = h * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_B:
+        h = h + tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        h = h * (1.0 + tl.load(sc_ptr + b * scb + i * scn + offs, mask=mask, other=0.0).to(tl.float32))
+    if HAS_SHIFT:
+        h = h + tl.load(sh_ptr + b * shb + i * shn + offs, mask=mask, other=0.0).to(tl.float32)
+    h = tl.where(mask, _round_to_dtype(h, dtype), 0.0)
+    amax = tl.maximum(tl.max(tl.abs(h), axis=0), 1e-8)
+    if OUT_FP8:
+        q = to_fp8_e4m3(h * tl.math.div_rn(448.0, amax), EMULATE_FP8)
+        scale = tl.math.div_rn(amax, 448.0)
+    else:
+        q = tl.minimum(tl.maximum(rint_f32(h * tl.math.div_rn(127.0, amax)), -127.0), 127.0).to(tl.int8)
+        scale = tl.math.div_rn(amax, 127.0)
+    tl.store(q_ptr + b * sqb + i * sqn + offs, q, mask=mask)
+    tl.store(s_ptr + b * ssb + i, scale)
+
+
+def _segment_view(t: Optional[torch.Tensor], shape: Tuple[int, int, int], what: str) -> Optional[torch.Tensor]:
+    """t broadcast to [B, N, K] with a unit inner stride (broadcast dims get stride 0: nothing is copied)."""
+    if t is None:
+        return None
+    try:
+        v = t.expand(shape)
+    except RuntimeError as exc:
+        raise ValueError(f"residual_norm_quant: {what} of shape {tuple(t.shape)} does not broadcast to "
+                         f"{tuple(shape)}") from exc
+    return v if v.stride(-1) == 1 else t.contiguous().expand(shape)
+
+
+def residual_norm_quant(xs: List[torch.Tensor], y: Optional[torch.Tensor], gates: List[torch.Tensor],
+                        weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
+                        scales: List[torch.Tensor], shifts: List[torch.Tensor], norm: bool = True,
+                        fp8: bool = True) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+    """Residual add (+gate) + LayerNorm (+affine) + AdaLN modulation + per-token quantization of token segments
+    the next linear sees concatenated; one launch per segment. Semantics: `reference.residual_norm_quant_ref`."""
+    bsz, k = xs[0].shape[0], xs[0].shape[-1]
+    ntot = sum(x.shape[1] for x in xs)
+    dev = xs[0].device
+    q = torch.empty((bsz, ntot, k), device=dev, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
+    s = torch.empty((bsz, ntot), device=dev, dtype=torch.float32)
+    block_k = triton.next_power_of_2(k)
+    if block_k > 32768:
+        raise ValueError(f"residual_norm_quant supports K <= 32768, got {k}")
+    num_warps = min(max(block_k // 512, 1), 16)
+    residuals, off = [], 0
+    for i, x in enumerate(xs):
+        n = x.shape[1]
+        shape = (bsz, n, k)
+        xv = _segment_view(x, shape, "x")
+        yv = _segment_view(None if y is None else y[:, off:off + n], shape, "y")
+        gv = _segment_view(gates[i] if gates else None, shape, "gate")
+        cv = _segment_view(scales[i] if scales else None, shape, "scale")
+        hv = _segment_view(shifts[i] if shifts else None, shape, "shift")
+        r = torch.empty(shape, device=dev, dtype=x.dtype) if y is not None else None
+        if r is not None:
+            residuals.append(r)
+        qv, sv = q[:, off:off + n], s[:, off:off + n]
+        off += n
+        if bsz * n == 0:
+            continue
+        dummy = s
+        strides = [t.stride()[:2] if t is not None else (0, 0) for t in (xv, yv, gv, cv, hv, r, qv)]
+        _residual_norm_quant_kernel[(bsz * n,)](
+            xv, yv if yv is not None else dummy, gv if gv is not None else dummy,
+            weight.contiguous() if weight is not None else dummy, bias.contiguous() if bias is not None else dummy,
+            cv if cv is not None else dummy, hv if hv is not None else dummy, r if r is not None else dummy, qv, sv,
+            n, k, float(eps), *[v for st in strides for v in st], sv.stride(0),
+            HAS_Y=y is not None, HAS_GATE=gv is not None, NORM=norm, HAS_W=weight is not None,
+            HAS_B=bias is not None, HAS_SCALE=cv is not None, HAS_SHIFT=hv is not None, OUT_FP8=fp8,
+            EMULATE_FP8=interpreting(), BLOCK_K=block_k, num_warps=num_warps)
+    return q, s, residuals

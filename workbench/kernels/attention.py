@@ -329,7 +329,7 @@ def quant_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm
         raise ValueError("exp_f16x2 uses inline PTX and cannot run in the Triton interpreter")
     scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
     dev = q.device
-    out = torch.empty((bsz, h, nq, d), device=dev, dtype=q.dtype)
+    out = torch.empty_like(q)  # q's memory layout: diffusers' [B, N, H, D] behind a [B, H, N, D] view stays free to undo
     if nq == 0 or bsz * h == 0:
         return out
     if nk == 0:

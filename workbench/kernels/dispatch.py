@@ -159,6 +159,19 @@ class _QuantLinearBase(nn.Module):
         """Return (dense input or None, QuantizedActivation or None)."""
         return (None, x) if isinstance(x, QuantizedActivation) else (x, None)
 
+    def _prequantized(self, qa: QuantizedActivation, code_dtype: torch.dtype, op: Callable[..., torch.Tensor],
+                      *weights: torch.Tensor) -> torch.Tensor:
+        """GEMM on codes a fused producer made (`layernorm_quant`, `residual_norm_quant`, ...), through the custom op
+        so the same call runs eagerly and inside torch.compile."""
+        if qa.q.dtype != code_dtype:
+            raise ValueError(f"{type(self).__name__} takes {code_dtype} activation codes, got {qa.q.dtype}: quantize "
+                             f"its input with fp8={code_dtype != torch.int8}")
+        if qa.q.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__}: pre-quantized input has {qa.q.shape[-1]} features, the layer "
+                             f"takes {self.in_features}")
+        out = op(qa.q, qa.scale, *weights, self.bias, self.activation, self.out_dtype, self.backend.value)
+        return out.reshape(*qa.lead_shape, self.out_features)
+
     def _traced(self, x: torch.Tensor, fp8: bool, op: Callable[..., torch.Tensor], *weights: torch.Tensor
                 ) -> torch.Tensor:
         """Forward under torch.compile: quantize in plain torch (Inductor can fuse it into the producer), then
@@ -224,14 +237,7 @@ class W8A8Linear(_QuantLinearBase):
         if self.asym_act:
             raise ValueError("this W8A8Linear quantizes its input asymmetrically itself: pass the dense input, not "
                              "symmetric codes from a fused producer")
-        if use_triton("W8A8Linear", "int8", qa.q.device, self.backend):
-            from .int8_gemm import int8_scaled_mm
-            out = int8_scaled_mm(qa.q, qa.scale, self.weight_q, self.weight_scale, self.bias, self.activation,
-                                 self.out_dtype)
-        else:
-            out = ref.int8_scaled_mm_ref(qa.q, qa.scale, self.weight_q, self.weight_scale, self.bias,
-                                         self.activation, self.out_dtype)
-        return out.reshape(*qa.lead_shape, self.out_features)
+        return self._prequantized(qa, torch.int8, torch.ops.workbench.scaled_mm, self.weight_q, self.weight_scale)
 
 
 class FP8Linear(_QuantLinearBase):
@@ -262,14 +268,8 @@ class FP8Linear(_QuantLinearBase):
             return self._traced(dense, True, torch.ops.workbench.scaled_mm, self.weight_fp8, self.weight_scale)
         if dense is not None:
             return fp8_linear(dense, self.weight_fp8, self.weight_scale, self.bias, self.activation, self.backend)
-        if use_triton("FP8Linear", "fp8", qa.q.device, self.backend):
-            from .fp8_gemm import fp8_scaled_mm
-            out = fp8_scaled_mm(qa.q, qa.scale, self.weight_fp8, self.weight_scale, self.bias, self.activation,
-                                self.out_dtype)
-        else:
-            out = ref.fp8_scaled_mm_ref(qa.q, qa.scale, self.weight_fp8, self.weight_scale, self.bias,
-                                        self.activation, self.out_dtype)
-        return out.reshape(*qa.lead_shape, self.out_features)
+        return self._prequantized(qa, ref.FP8_DTYPE, torch.ops.workbench.scaled_mm, self.weight_fp8,
+                                  self.weight_scale)
 
 
 class W4A8Linear(_QuantLinearBase):
@@ -309,14 +309,8 @@ class W4A8Linear(_QuantLinearBase):
         if dense is not None:
             return w4a8_linear(dense, self.weight_packed, self.weight_scales, self.bias, self.activation,
                                self.backend)
-        if use_triton("W4A8Linear", "int8", qa.q.device, self.backend):
-            from .w4a8_gemm import w4a8_scaled_mm
-            out = w4a8_scaled_mm(qa.q, qa.scale, self.weight_packed, self.weight_scales, self.bias,
-                                 self.activation, self.out_dtype)
-        else:
-            out = ref.w4a8_scaled_mm_ref(qa.q, qa.scale, self.weight_packed, self.weight_scales, self.bias,
-                                         self.activation, self.out_dtype)
-        return out.reshape(*qa.lead_shape, self.out_features)
+        return self._prequantized(qa, torch.int8, torch.ops.workbench.w4a8_scaled_mm, self.weight_packed,
+                                  self.weight_scales)
 
 
 KERNEL_LINEARS = (W8A8Linear, FP8Linear, W4A8Linear)

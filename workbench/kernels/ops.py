@@ -69,12 +69,17 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale:
     """SageAttention-style attention for [B, H, N, D] (int8 Q.K^T with K smoothing, fp8 or fp16 P.V)."""
     CALLS["quant_attention"] += 1
     from .dispatch import quant_attention as run
-    return run(q, k, v, sm_scale=sm_scale, pv_dtype=pv_dtype, backend=backend)
+    out = run(q, k, v, sm_scale=sm_scale, pv_dtype=pv_dtype, backend=backend)
+    like = torch.empty_like(q)  # the layout the fake promises: q's, so the caller's transpose back is a view
+    if out.stride() != like.stride():
+        like.copy_(out)
+        out = like
+    return out
 
 
 @quant_attention.register_fake
 def _quant_attention_fake(q, k, v, sm_scale, pv_dtype, backend="auto"):  # noqa: ANN001, ANN202
-    return q.new_empty(q.shape)
+    return torch.empty_like(q)
 
 
 @custom_op("workbench::quantize_rows", mutates_args=())
@@ -93,6 +98,33 @@ def quantize_rows(x: torch.Tensor, fp8: bool, backend: str = "auto") -> tuple[to
 def _quantize_rows_fake(x, fp8, backend="auto"):  # noqa: ANN001, ANN202
     return (x.new_empty(x.shape, dtype=ref.FP8_DTYPE if fp8 else torch.int8),
             x.new_empty(x.shape[:-1], dtype=torch.float32))
+
+
+@custom_op("workbench::residual_norm_quant", mutates_args=())
+def residual_norm_quant(xs: list[torch.Tensor], y: Optional[torch.Tensor], gates: list[torch.Tensor],
+                        weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
+                        scales: list[torch.Tensor], shifts: list[torch.Tensor], norm: bool, fp8: bool,
+                        backend: str = "auto") -> list[torch.Tensor]:
+    """A DiT block's residual add + LayerNorm + AdaLN modulation + per-token quantization in one pass
+    (`reference.residual_norm_quant_ref`); returns [codes, scales, *new residual segments]. A hand-written
+    producer: Inductor's own version is a looped reduction for rows over 1,024 elements (NOTES.md)."""
+    CALLS["residual_norm_quant"] += 1
+    if use_triton("ops.residual_norm_quant", "fp8" if fp8 else "int8", xs[0].device, backend):
+        from .act_quant import residual_norm_quant as run
+    else:
+        run = ref.residual_norm_quant_ref
+    q, s, residuals = run(xs, y, gates, weight, bias, eps, scales, shifts, norm=norm, fp8=fp8)
+    return [q, s, *residuals]
+
+
+@residual_norm_quant.register_fake
+def _residual_norm_quant_fake(xs, y, gates, weight, bias, eps, scales, shifts, norm, fp8,  # noqa: ANN001, ANN202
+                              backend="auto"):  # noqa: ANN001
+    bsz, k = xs[0].shape[0], xs[0].shape[-1]
+    ntot = sum(x.shape[1] for x in xs)
+    q = xs[0].new_empty((bsz, ntot, k), dtype=ref.FP8_DTYPE if fp8 else torch.int8)
+    s = xs[0].new_empty((bsz, ntot), dtype=torch.float32)
+    return [q, s, *([x.new_empty(x.shape) for x in xs] if y is not None else [])]
 
 
 def quantize_tokens(x: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,7 +32,7 @@ __all__ = [
     "quantize_per_token_uint8", "weight_row_sums", "w8a8_asym_linear_ref",
     "fp8_rowwise_linear_ref", "pack_int4", "unpack_int4", "quantize_weight_int4_grouped",
     "w4a8_scaled_mm_ref", "w4a8_linear_ref", "layernorm_quant_ref", "rmsnorm_quant_ref",
-    "gelu_quant_ref", "gelu_tanh", "quant_attention_ref", "sdpa_ref", "rel_error", "linear_out_dtype",
+    "gelu_quant_ref", "residual_norm_quant_ref", "gelu_tanh", "quant_attention_ref", "sdpa_ref", "rel_error", "linear_out_dtype",
 ]
 
 
@@ -295,6 +295,47 @@ def gelu_quant_ref(x: torch.Tensor, fp8: bool = False) -> Tuple[torch.Tensor, to
     x2, lead = _flatten(x)
     q, s = _quant_rows(gelu_tanh(x2.float()), FP8_MAX if fp8 else INT8_MAX, fp8)
     return q.reshape(*lead, -1), s.reshape(lead)
+
+
+def residual_norm_quant_ref(xs: list[torch.Tensor], y: Optional[torch.Tensor], gates: list[torch.Tensor],
+                            weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
+                            scales: list[torch.Tensor], shifts: list[torch.Tensor], norm: bool = True,
+                            fp8: bool = True) -> Tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """A DiT block's "residual add, LayerNorm, AdaLN modulation" feeding a quantized linear, in one pass.
+
+    xs are residual-stream segments [B, N_s, K] that the next linear sees concatenated along tokens (CogVideoX:
+    text then video; Wan: one). Per segment: h = x + y_s * gate_s (y: the branch output [B, sum N_s, K], gate
+    optional) rounded to x.dtype, the new residual; z = LayerNorm(h) (no affine unless weight / bias; skipped
+    when not norm), * (1 + scale_s) + shift_s, rounded to x.dtype (the dtype the linear would have seen), then
+    per-token int8 / e4m3. gates / scales / shifts: one per segment or none, broadcastable to [B, N_s, K].
+    Returns (codes [B, sum N_s, K], scales [B, sum N_s], the new residual segments, [] without y).
+    """
+    residuals, rows, off = [], [], 0
+    for i, x in enumerate(xs):
+        n = x.shape[1]
+        h = x.float()
+        if y is not None:
+            ys = y[:, off:off + n].float()
+            if gates:
+                ys = ys * gates[i].float()
+            r = (h + ys).to(x.dtype)
+            residuals.append(r)
+            h = r.float()
+        if norm:
+            hc = h - h.mean(-1, keepdim=True)
+            h = hc * torch.rsqrt((hc * hc).mean(-1, keepdim=True) + eps)
+        if weight is not None:
+            h = h * weight.float()
+        if bias is not None:
+            h = h + bias.float()
+        if scales:
+            h = h * (1.0 + scales[i].float())
+        if shifts:
+            h = h + shifts[i].float()
+        rows.append(h.to(x.dtype).float())
+        off += n
+    q, s = _quant_rows(torch.cat(rows, dim=1), FP8_MAX if fp8 else INT8_MAX, fp8)
+    return q, s, residuals
 
 
 # -------------------------------------------------------------------------------- attention
