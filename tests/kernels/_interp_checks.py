@@ -313,11 +313,17 @@ def _quant_check(name: str, fp8: bool) -> Tuple[float, float]:
     if name == "rows":
         exact = torch.equal(q.view(torch.int8), qr.view(torch.int8)) and torch.equal(s, sr)
         return (0.0 if exact else float("inf")), 1.0
+    return _code_errors(q, s, qr, sr, fp8), 1.0
+
+
+def _code_errors(q: torch.Tensor, s: torch.Tensor, qr: torch.Tensor, sr: torch.Tensor, fp8: bool) -> float:
+    """The largest of `_quant_check`'s three normalised errors (codes within a step, share of flipped codes,
+    scales)."""
     step = s[..., None] * (32.0 if fp8 else 1.0)   # the largest e4m3 step at |code| <= 448 is 32
     code_err = float(((q.float() * s[..., None] - qr.float() * sr[..., None]).abs() / (step * 1.01)).max())
     flip_share = float((q.float() != qr.float()).float().mean()) / 2 ** -8
     scale_err = float(((s.double() - sr.double()).abs() / sr.double()).max()) / 1e-6
-    return max(code_err, flip_share, scale_err), 1.0
+    return max(code_err, flip_share, scale_err)
 
 
 for _name in ("rows", "layernorm", "rmsnorm", "gelu"):
@@ -355,11 +361,7 @@ def _residual_norm_check(fp8: bool, two_segments: bool) -> Tuple[float, float]:
     assert q.dtype == qr.dtype and q.shape == qr.shape == (bsz, sum(ns), k) and s.shape == sr.shape
     if len(res) != len(ns) or not all(torch.equal(a, c) for a, c in zip(res, resr)):
         return float("inf"), 1.0
-    step = s[..., None] * (32.0 if fp8 else 1.0)
-    code_err = float(((q.float() * s[..., None] - qr.float() * sr[..., None]).abs() / (step * 1.01)).max())
-    flip_share = float((q.float() != qr.float()).float().mean()) / 2 ** -8
-    scale_err = float(((s.double() - sr.double()).abs() / sr.double()).max()) / 1e-6
-    return max(code_err, flip_share, scale_err), 1.0
+    return _code_errors(q, s, qr, sr, fp8), 1.0
 
 
 for _fp8 in (False, True):
