@@ -276,3 +276,18 @@ def test_chunks_are_recomputed_in_backward_not_kept(p_spec):
         torch.testing.assert_close(g, r)
     _, saved_no_grad = _saved_bytes(lambda: qa(q.detach(), k.detach(), v.detach()))
     assert saved_no_grad == 0
+
+
+def test_patched_attention_functions_compile_without_a_break_while_no_wrapper_runs():
+    """The patch stays installed for the process; a model compiled while no wrapped processor is running (e.g. a
+    kernel-quantized model beside a fake-quant one) must trace straight through it (fullgraph: a break raises),
+    and a wrapped call still routes to the quantized math afterwards."""
+    attn = _tiny_attention()
+    wrap_attention(attn, AttentionSpec.uniform(4))  # patches diffusers' module globals
+    plain = _tiny_attention()
+    x = torch.randn(1, 3, 16)
+    compiled = torch.compile(plain, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), plain(x))
+    with quant_disabled(attn):
+        ref = attn(x)
+    assert not torch.equal(attn(x), ref)

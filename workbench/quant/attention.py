@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import threading
 import types
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -270,6 +271,11 @@ def _merge_masks(mask: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
 # routing diffusers' attention calls
 
 _ACTIVE: ContextVar[QuantAttention | None] = ContextVar("workbench_active_quant_attention", default=None)
+# How many wrapped processor calls are running, in any thread. The patched attention functions read this plain int
+# first: torch.compile traces it (and guards on it), while it cannot trace ContextVar.get, so a model compiled with no
+# QuantAttention running has no graph break at the patched function.
+_RUNNING = 0
+_RUNNING_LOCK = threading.Lock()
 _PATCHES: list[tuple[dict, str, Any]] = []  # (module globals, name, original) for unpatching
 
 
@@ -293,6 +299,8 @@ def _quant_sdpa(original: Callable) -> Callable:
     """F.scaled_dot_product_attention that defers to the active QuantAttention ((B, H, S, D) layout)."""
 
     def scaled_dot_product_attention(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if not _RUNNING:
+            return original(*args, **kwargs)
         qa = _ACTIVE.get()
         if qa is None or not qa.active:
             return original(*args, **kwargs)
@@ -307,6 +315,8 @@ def _quant_dispatch(original: Callable) -> Callable:
     signature = inspect.signature(original)
 
     def dispatch_attention_fn(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if not _RUNNING:
+            return original(*args, **kwargs)
         qa = _ACTIVE.get()
         if qa is None or not qa.active:
             return original(*args, **kwargs)
@@ -381,10 +391,15 @@ class QuantAttnProcessor:
     def __call__(self) -> Callable:
         # diffusers filters the kwargs it passes by inspect.signature(processor.__call__): expose the inner one.
         def call(attn: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            global _RUNNING
             token = _ACTIVE.set(self.quant)
+            with _RUNNING_LOCK:
+                _RUNNING += 1
             try:
                 return self.inner(attn, hidden_states, *args, **kwargs)
             finally:
+                with _RUNNING_LOCK:
+                    _RUNNING -= 1
                 _ACTIVE.reset(token)
 
         call.__signature__ = inspect.signature(self.inner.__call__)  # type: ignore[attr-defined]
