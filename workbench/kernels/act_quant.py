@@ -19,6 +19,29 @@ MODE_PLAIN, MODE_LAYERNORM, MODE_RMSNORM, MODE_GELU = 0, 1, 2, 3
 
 
 @triton.jit
+def _layernorm_row(x, mask, K, eps):
+    """(x - mean) / sqrt(var + eps) of one row held in registers (masked lanes read as 0 and stay 0)."""
+    mean = tl.sum(x, axis=0) / K
+    xc = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(xc * xc, axis=0) / K
+    return xc * tl.math.rsqrt(var + eps)
+
+
+@triton.jit
+def _row_codes(y, mask, OUT_FP8: tl.constexpr, EMULATE_FP8: tl.constexpr):
+    """Symmetric per-row codes (e4m3 or int8) and the fp32 scale absmax / QMAX of one row in registers."""
+    y = tl.where(mask, y, 0.0)
+    amax = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-8)
+    if OUT_FP8:
+        q = to_fp8_e4m3(y * tl.math.div_rn(448.0, amax), EMULATE_FP8)
+        scale = tl.math.div_rn(amax, 448.0)
+    else:
+        q = tl.minimum(tl.maximum(rint_f32(y * tl.math.div_rn(127.0, amax)), -127.0), 127.0).to(tl.int8)
+        scale = tl.math.div_rn(amax, 127.0)
+    return q, scale
+
+
+@triton.jit
 def _row_quant_kernel(x_ptr, q_ptr, s_ptr, w_ptr, b_ptr, ms_ptr, msh_ptr,
                       K, stride_xm, stride_qm, rows_per_batch, stride_mod, eps,
                       MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
@@ -31,10 +54,7 @@ def _row_quant_kernel(x_ptr, q_ptr, s_ptr, w_ptr, b_ptr, ms_ptr, msh_ptr,
     mask = offs < K
     x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
     if MODE == 1:
-        mean = tl.sum(x, axis=0) / K
-        xc = tl.where(mask, x - mean, 0.0)
-        var = tl.sum(xc * xc, axis=0) / K
-        y = xc * tl.math.rsqrt(var + eps)
+        y = _layernorm_row(x, mask, K, eps)
     elif MODE == 2:
         ms = tl.sum(x * x, axis=0) / K
         y = x * tl.math.rsqrt(ms + eps)
@@ -52,16 +72,7 @@ def _row_quant_kernel(x_ptr, q_ptr, s_ptr, w_ptr, b_ptr, ms_ptr, msh_ptr,
     if HAS_MOD_SHIFT:
         bidx = row // rows_per_batch
         y = y + tl.load(msh_ptr + bidx * stride_mod + offs, mask=mask, other=0.0).to(tl.float32)
-    y = tl.where(mask, y, 0.0)
-    amax = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-8)
-    if OUT_FP8:
-        inv = tl.math.div_rn(448.0, amax)
-        q = to_fp8_e4m3(y * inv, EMULATE_FP8)
-        scale = tl.math.div_rn(amax, 448.0)
-    else:
-        inv = tl.math.div_rn(127.0, amax)
-        q = tl.minimum(tl.maximum(rint_f32(y * inv), -127.0), 127.0).to(tl.int8)
-        scale = tl.math.div_rn(amax, 127.0)
+    q, scale = _row_codes(y, mask, OUT_FP8, EMULATE_FP8)
     tl.store(q_ptr + row * stride_qm + offs, q, mask=mask)
     tl.store(s_ptr + row, scale)
 
@@ -172,10 +183,7 @@ def _residual_norm_quant_kernel(x_ptr, y_ptr, g_ptr, w_ptr, b_ptr, sc_ptr, sh_pt
         h = _round_to_dtype(h + y, dtype)
         tl.store(r_ptr + b * srb + i * srn + offs, h.to(dtype), mask=mask)
     if NORM:
-        mean = tl.sum(h, axis=0) / K
-        hc = tl.where(mask, h - mean, 0.0)
-        var = tl.sum(hc * hc, axis=0) / K
-        h = hc * tl.math.rsqrt(var + eps)
+        h = _layernorm_row(h, mask, K, eps)
     if HAS_W:
         h = h * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_B:
@@ -184,14 +192,7 @@ def _residual_norm_quant_kernel(x_ptr, y_ptr, g_ptr, w_ptr, b_ptr, sc_ptr, sh_pt
         h = h * (1.0 + tl.load(sc_ptr + b * scb + i * scn + offs, mask=mask, other=0.0).to(tl.float32))
     if HAS_SHIFT:
         h = h + tl.load(sh_ptr + b * shb + i * shn + offs, mask=mask, other=0.0).to(tl.float32)
-    h = tl.where(mask, _round_to_dtype(h, dtype), 0.0)
-    amax = tl.maximum(tl.max(tl.abs(h), axis=0), 1e-8)
-    if OUT_FP8:
-        q = to_fp8_e4m3(h * tl.math.div_rn(448.0, amax), EMULATE_FP8)
-        scale = tl.math.div_rn(amax, 448.0)
-    else:
-        q = tl.minimum(tl.maximum(rint_f32(h * tl.math.div_rn(127.0, amax)), -127.0), 127.0).to(tl.int8)
-        scale = tl.math.div_rn(amax, 127.0)
+    q, scale = _row_codes(_round_to_dtype(h, dtype), mask, OUT_FP8, EMULATE_FP8)
     tl.store(q_ptr + b * sqb + i * sqn + offs, q, mask=mask)
     tl.store(s_ptr + b * ssb + i, scale)
 

@@ -256,17 +256,19 @@ def _modulate(y: torch.Tensor, mod_scale: Optional[torch.Tensor], mod_shift: Opt
     return y
 
 
+def _layernorm_f32(xf: torch.Tensor, eps: float) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over the last dim of an fp32 tensor (no affine)."""
+    xc = xf - xf.mean(-1, keepdim=True)
+    return xc * torch.rsqrt((xc * xc).mean(-1, keepdim=True) + eps)
+
+
 def layernorm_quant_ref(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                         eps: float = 1e-5, mod_scale: Optional[torch.Tensor] = None,
                         mod_shift: Optional[torch.Tensor] = None, fp8: bool = False
                         ) -> Tuple[torch.Tensor, torch.Tensor]:
     """LayerNorm (+affine, +AdaLN modulation per batch) in fp32, then per-token int8/fp8 quantization."""
     x2, lead = _flatten(x)
-    xf = x2.float()
-    mean = xf.mean(-1, keepdim=True)
-    xc = xf - mean
-    rstd = torch.rsqrt((xc * xc).mean(-1, keepdim=True) + eps)
-    y = xc * rstd
+    y = _layernorm_f32(x2.float(), eps)
     if weight is not None:
         y = y * weight.float()
     if bias is not None:
@@ -322,8 +324,7 @@ def residual_norm_quant_ref(xs: list[torch.Tensor], y: Optional[torch.Tensor], g
             residuals.append(r)
             h = r.float()
         if norm:
-            hc = h - h.mean(-1, keepdim=True)
-            h = hc * torch.rsqrt((hc * hc).mean(-1, keepdim=True) + eps)
+            h = _layernorm_f32(h, eps)
         if weight is not None:
             h = h * weight.float()
         if bias is not None:
