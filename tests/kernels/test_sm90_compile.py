@@ -173,3 +173,28 @@ def test_attention_finalize_kernels_compile_for_sm90(smooth_v):
     sig = dict(vm_ptr="*fp32", vb_ptr="*fp32", out_ptr="*fp32", NKB="i32", NK_F="fp32")
     ptx, shared, regs, local = _compile(A._v_bias_finalize_kernel, sig, dict(HEAD_DIM=128, BLOCK_R=32), 4, 1)
     assert local == 0 and "div.rn.f32" in ptx
+
+
+@pytest.mark.parametrize("fp8", [True, False], ids=["fp8", "int8"])
+def test_row_quantizers_compile_for_sm90(fp8):
+    """The one-pass row quantizers at the models' widths (BLOCK_K 2048: CogVideoX 1,920, Wan 1,536) with everything
+    fused: the plain / LayerNorm + AdaLN kernel and the residual + LayerNorm + AdaLN kernel of the fused blocks
+    (bf16 rounding by bit arithmetic, the hardware e4m3 cast) compile without spills."""
+    Q = importlib.import_module("workbench.kernels.act_quant")
+    out = "fp8e4nv" if fp8 else "i8"
+    sig = dict(x_ptr="*bf16", q_ptr=f"*{out}", s_ptr="*fp32", w_ptr="*bf16", b_ptr="*bf16", ms_ptr="*fp32",
+               msh_ptr="*fp32", K="i32", stride_xm="i32", stride_qm="i32", rows_per_batch="i32", stride_mod="i32",
+               eps="fp32")
+    consts = dict(MODE=Q.MODE_LAYERNORM, HAS_W=True, HAS_B=True, HAS_MOD_SCALE=True, HAS_MOD_SHIFT=True,
+                  OUT_FP8=fp8, EMULATE_FP8=False, FAST=True, BLOCK_K=2048)
+    ptx, shared, regs, local = _compile(Q._row_quant_kernel, sig, consts, 4, 1)
+    assert local == 0 and "rsqrt.approx" in ptx
+    strides = ["sxb", "sxn", "syb", "syn", "sgb", "sgn", "scb", "scn", "shb", "shn", "srb", "srn", "sqb", "sqn", "ssb"]
+    sig = dict(x_ptr="*bf16", y_ptr="*bf16", g_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", sc_ptr="*fp32",
+               sh_ptr="*fp32", r_ptr="*bf16", q_ptr=f"*{out}", s_ptr="*fp32", N="i32", K="i32", eps="fp32",
+               **{name: "i64" for name in strides})
+    consts = dict(HAS_Y=True, HAS_GATE=True, NORM=True, HAS_W=True, HAS_B=True, HAS_SCALE=True, HAS_SHIFT=True,
+                  OUT_FP8=fp8, EMULATE_FP8=False, BLOCK_K=2048)
+    ptx, shared, regs, local = _compile(Q._residual_norm_quant_kernel, sig, consts, 4, 1)
+    assert local == 0 and "rsqrt.approx" in ptx
+    assert ("cvt.rn.satfinite.e4m3x2.f32" in ptx) == fp8, "the e4m3 codes do not use the hardware cast"
