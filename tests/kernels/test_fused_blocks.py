@@ -137,3 +137,13 @@ def test_prequantized_input_of_the_wrong_format_is_refused():
     w8 = dispatch.W8A8Linear.from_linear(nn.Linear(256, 64))
     with pytest.raises(ValueError, match="has 128 features, the layer takes 256"):
         w8(codes)
+
+
+def test_a_block_missing_an_attribute_the_fused_forward_uses_keeps_its_own(tiny):
+    """Another diffusers version may lay a block out differently: no fusion rather than an AttributeError later."""
+    model, _, case = tiny["Wan"]
+    q = copy.deepcopy(model)
+    dispatch.swap_linears(q, dispatch.FP8Linear.from_linear, e2e.block_linear)
+    del q.blocks[0].scale_shift_table
+    assert fused_blocks.fuse_block_norms(q) == case.config["num_layers"] - 1
+    assert not hasattr(q.blocks[0], fused_blocks.FUSED_ATTR)

@@ -49,6 +49,18 @@ def _qkv_linears(attn: nn.Module, self_attention: bool) -> list[Any]:
     return [attn.to_q, attn.to_k, attn.to_v] if self_attention else [attn.to_q]
 
 
+def _has(module: nn.Module, *paths: str) -> bool:
+    """True when every dotted attribute path exists: the fused forwards use these, and another diffusers version's
+    block may lack one (the block then keeps its own forward)."""
+    for path in paths:
+        obj: Any = module
+        for name in path.split("."):
+            if not hasattr(obj, name):
+                return False
+            obj = getattr(obj, name)
+    return True
+
+
 def _codes(out: list[torch.Tensor], lead: tuple[int, ...]) -> QuantizedActivation:
     q, s = out[0], out[1]
     return QuantizedActivation(q.reshape(-1, q.shape[-1]), s.reshape(-1), lead)
@@ -93,6 +105,9 @@ def _wan_forward(self: nn.Module, hidden_states: torch.Tensor, encoder_hidden_st
 def _wan_format(block: nn.Module) -> Optional[bool]:
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
+    if not _has(block, "scale_shift_table", "norm1", "norm2", "norm3", "attn1.processor", "attn2.processor", "ffn.net",
+                "attn1.to_out", "attn2.to_out"):
+        return None
     for attn in (block.attn1, block.attn2):
         if type(attn.processor) is not WanAttnProcessor:
             return None
@@ -158,6 +173,9 @@ def _cog_format(block: nn.Module) -> Optional[bool]:
     from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
     from diffusers.models.normalization import CogVideoXLayerNormZero
 
+    if not _has(block, "norm1.linear", "norm1.silu", "norm1.norm", "norm2.linear", "norm2.silu", "norm2.norm",
+                "attn1.processor", "attn1.heads", "attn1.norm_q", "attn1.norm_k", "attn1.to_out", "ff.net"):
+        return None
     if type(block.attn1.processor) is not CogVideoXAttnProcessor2_0:
         return None
     if not (isinstance(block.norm1, CogVideoXLayerNormZero) and isinstance(block.norm2, CogVideoXLayerNormZero)):
