@@ -373,3 +373,25 @@ def test_bench_on_two_gpus_runs_the_parts_at_once_and_joins_them(tmp_path, capsy
     assert argv[-1] == str(tmp_path / "p.settings.json") and argv[-2] == "workbench.bench.parallel"
     assert written["models"] == "A" and written["skip_micro"] and written["gpus"] is None
     assert written["out"] == str(tmp_path / "p.md") and written["force"]
+
+
+def test_the_inductor_norms_ablation_leaves_diffusers_block_forwards_in_place():
+    """"ours FP8 + qattn, compiled, Inductor norms" is ours minus the fused block producers: same linears and
+    attention, every block keeps diffusers' forward; in fp32 the two agree up to the rounding of the LayerNorm
+    statistics (computed in another order)."""
+    from workbench.kernels.fused_blocks import FUSED_ATTR
+
+    case = bench_e2e.cases(dry=True)[1]
+    fused_v = bench_e2e.BY_NAME["ours FP8 + qattn, compiled"]
+    plain_v = bench_e2e.BY_NAME["ours FP8 + qattn, compiled, Inductor norms"]
+    assert fused_v.fuse_norms and not plain_v.fuse_norms and bench_e2e.is_ours(plain_v.name)
+    cpu = torch.device("cpu")
+    outs = []
+    for v in (fused_v, plain_v):
+        model, _ = bench_e2e.prepare(case, v, cpu, torch.float32, compile_backend="aot_eager")
+        n_fused = sum(hasattr(m, FUSED_ATTR) for m in model.modules())
+        assert n_fused == (case.config["num_layers"] if v.fuse_norms else 0)
+        with torch.no_grad(), bench_e2e.attention_context(v, 16, cpu):
+            outs.append(model(**bench_e2e.inputs(case, cpu, torch.float32))[0])
+    from workbench.kernels.reference import rel_error
+    assert rel_error(outs[1], outs[0]) < 1e-5  # 6e-8 measured: fp32 rounding only

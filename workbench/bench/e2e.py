@@ -142,9 +142,10 @@ class _FusedGELU(nn.Module):
         return self.proj(x)
 
 
-def swap_ours(model: nn.Module, kind: str) -> int:
+def swap_ours(model: nn.Module, kind: str, fuse_norms: bool = True) -> int:
     """Replace block linears with our kernel modules (kind: w8a8, fp8, w4a8 with one int4 scale per output channel as
-    in ViDiT-Q, w4a8-g128 with one per 128 input channels); fuse tanh-GELU where it follows."""
+    in ViDiT-Q, w4a8-g128 with one per 128 input channels); fuse tanh-GELU where it follows, and (fuse_norms) each
+    block's residual + LayerNorm + modulation + quantization into one kernel (`fuse_block_norms`)."""
     from diffusers.models.activations import GELU
 
     make = {"w8a8": dispatch.W8A8Linear.from_linear, "fp8": dispatch.FP8Linear.from_linear,
@@ -159,7 +160,8 @@ def swap_ours(model: nn.Module, kind: str) -> int:
                 n += 1
     n += dispatch.swap_linears(model, make, block_or_adaln_linear if kind.startswith("w4a8") else block_linear)
     mark_kernel_inputs(model)
-    fuse_block_norms(model)  # residual + LayerNorm + modulation + quantization in one kernel per block input
+    if fuse_norms:  # residual + LayerNorm + modulation + quantization in one kernel per block input
+        fuse_block_norms(model)
     return n  # under torch.compile the modules trace to torch.ops.workbench.* (see kernels/ops.py): no graph breaks
 
 
@@ -238,6 +240,7 @@ class Variant:
     compiled: bool = False
     sdpa: str | None = None  # SDPA backend forced while compiling and running: "cudnn" / "flash"
     sage: bool = False  # SageAttention2's sageattn for long self-attention
+    fuse_norms: bool = True  # ours: the fused block producers (False: Inductor compiles diffusers' norms + our quant)
     fault: str | None = None  # isolation checks only (tests, dry run): the worker "exit"s (code 3), "hang"s, "raise"s
 
     @property
@@ -268,6 +271,7 @@ VARIANTS = [
     Variant("ours W8A8 + qattn", "w8a8", qattn=True),
     Variant("ours W4A8", "w4a8"),
     Variant("ours W4A8 g128, compiled", "w4a8-g128", compiled=True),
+    Variant("ours FP8 + qattn, compiled, Inductor norms", "fp8", qattn=True, compiled=True, fuse_norms=False),
 ]
 REFERENCE = "bf16 eager"  # every row's error is measured against this variant's output
 BY_NAME = {v.name: v for v in VARIANTS}
@@ -359,7 +363,7 @@ def prepare(case: ModelCase, v: Variant, device: torch.device, dtype: torch.dtyp
     """The variant's model (seeded random weights, its linears quantized, its blocks compiled) and its weight GiB."""
     model = build(case, device, dtype, seed)
     if v.quant in OURS_QUANT:
-        swap_ours(model, v.quant)
+        swap_ours(model, v.quant, v.fuse_norms)
     elif v.quant in ("ao-int8", "ao-fp8"):
         swap_torchao(model, v.quant[3:])
     elif v.quant is not None:
