@@ -77,6 +77,14 @@ def _row_quant_kernel(x_ptr, q_ptr, s_ptr, w_ptr, b_ptr, ms_ptr, msh_ptr,
     tl.store(s_ptr + row, scale)
 
 
+def _row_launch(k: int, what: str) -> Tuple[int, int]:
+    """(BLOCK_K, num_warps) of a one-program-per-row kernel over rows of k elements, held whole in registers."""
+    block_k = triton.next_power_of_2(k)
+    if block_k > 32768:
+        raise ValueError(f"{what} supports K <= 32768, got {k}")
+    return block_k, min(max(block_k // 512, 1), 16)
+
+
 def _launch(x: torch.Tensor, mode: int, fp8: bool, weight: Optional[torch.Tensor] = None,
             bias: Optional[torch.Tensor] = None, eps: float = 0.0, mod_scale: Optional[torch.Tensor] = None,
             mod_shift: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -91,10 +99,7 @@ def _launch(x: torch.Tensor, mode: int, fp8: bool, weight: Optional[torch.Tensor
     s = torch.empty((m,), device=x.device, dtype=torch.float32)
     if m == 0:
         return q.reshape(*lead, k), s.reshape(lead)
-    block_k = triton.next_power_of_2(k)
-    if block_k > 32768:
-        raise ValueError(f"row quantization supports K <= 32768, got {k}")
-    num_warps = min(max(block_k // 512, 1), 16)
+    block_k, num_warps = _row_launch(k, "row quantization")
     mods = [t for t in (mod_scale, mod_shift) if t is not None]
     rows_per_batch, stride_mod = 1, 0
     if mods:
@@ -220,10 +225,7 @@ def residual_norm_quant(xs: List[torch.Tensor], y: Optional[torch.Tensor], gates
     dev = xs[0].device
     q = torch.empty((bsz, ntot, k), device=dev, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
     s = torch.empty((bsz, ntot), device=dev, dtype=torch.float32)
-    block_k = triton.next_power_of_2(k)
-    if block_k > 32768:
-        raise ValueError(f"residual_norm_quant supports K <= 32768, got {k}")
-    num_warps = min(max(block_k // 512, 1), 16)
+    block_k, num_warps = _row_launch(k, "residual_norm_quant")
     residuals, off = [], 0
     for i, x in enumerate(xs):
         n = x.shape[1]
