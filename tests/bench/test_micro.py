@@ -41,3 +41,12 @@ def test_attention_shapes_include_the_hunyuan_like_case_and_unknown_names_are_re
                            "--skip-checks", "--attn-models", "Hunyuan"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown --attn-models ['Hunyuan']" in proc.stderr
     assert "HunyuanVideo-like" in proc.stderr
+
+
+def test_timing_window_holds_enough_calls_of_a_slow_kernel():
+    """A fixed window held ~5 calls of an 8 ms attention (a noisy median); slow functions get MIN_CALLS calls."""
+    from workbench.bench import micro
+    assert micro.timing_window_ms(0.1, quick=True) == 40.0
+    assert micro.timing_window_ms(0.1, quick=False) == 100.0
+    assert micro.timing_window_ms(8.0, quick=True) / 8.0 >= micro.MIN_CALLS[0] >= 25
+    assert micro.timing_window_ms(8.0, quick=False) / 8.0 >= micro.MIN_CALLS[1] >= 50

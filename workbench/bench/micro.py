@@ -228,8 +228,18 @@ def n_buffers(bytes_per_set: int) -> int:
     return max(2, min(8, math.ceil(3 * l2 / max(bytes_per_set, 1))))
 
 
+# timed calls per median at least (quick / full): a fixed 40 ms window held only ~5 calls of an 8 ms attention,
+# whose median then moved by a few percent from one call of the benchmark to the next
+MIN_CALLS = (30, 60)
+
+
+def timing_window_ms(one_call_ms: float, quick: bool) -> float:
+    """do_bench's measuring window for a function taking one_call_ms: 40 / 100 ms, or MIN_CALLS calls if longer."""
+    return max(40.0 if quick else 100.0, MIN_CALLS[not quick] * one_call_ms)
+
+
 def bench_ms(fn: Callable[[], Any], quick: bool) -> float:
-    """Median ms of fn with do_bench (warm-up included)."""
+    """Median ms of fn with do_bench (warm-up included) over a window of at least MIN_CALLS calls."""
     if DRY:
         t = time.time()
         fn()
@@ -237,7 +247,13 @@ def bench_ms(fn: Callable[[], Any], quick: bool) -> float:
     from triton.testing import do_bench
     fn()
     torch.cuda.synchronize()
-    return float(do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100, return_mode="median"))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    rep = timing_window_ms(start.elapsed_time(end), quick)
+    return float(do_bench(fn, warmup=10 if quick else 25, rep=rep, return_mode="median"))
 
 
 def add_row(**kw: Any) -> None:
