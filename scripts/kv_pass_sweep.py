@@ -3,10 +3,14 @@
     python scripts/kv_pass_sweep.py --out kv.jsonl       # CUDA GPU: the three issue shapes
     python scripts/kv_pass_sweep.py --dry-run-cpu         # tiny shapes in the Triton interpreter (checks the script)
 
+    python scripts/kv_pass_sweep.py --choose best.json   # also: the fastest launch choices per head dim, as
+                                                         # `attention.KV_PASSES` entries
+
 K and V are what diffusers hands to attention: [B, H, N, D] views of a [B, N, 3, H, D] projection (token stride
 3 * H * D), K with a per-channel offset. Rows: the statistics pass (`_kv_stats_kernel`) per register-tile height
-BLOCK_T, programs per SM and warps; the quant pass (`_kv_quant_kernel`, 128-key blocks) per warps, with and
-without the Gluon kernel's V token order. Each row's outputs are checked against the production launch's.
+BLOCK_T and tiles loaded a step (UNROLL); the quant pass (`_kv_quant_kernel`, 128-key blocks, the Gluon kernel's V
+token order) per warps, with K and V in one program or two (SPLIT_KV). Each row's outputs are checked against the
+production launch's (`attention.KV_PASSES`).
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ def timer(dry: bool):
     return lambda fn: triton.testing.do_bench(fn, warmup=20, rep=100) * 1e3
 
 
-def sweep(dry: bool, out: str | None) -> list[dict]:
+def sweep(dry: bool, out: str | None, shapes: str | None = None) -> list[dict]:
     """Every row of the sweep (also appended to `out` as JSON lines when given)."""
     import triton
 
@@ -60,6 +64,8 @@ def sweep(dry: bool, out: str | None) -> list[dict]:
                 fh.write(json.dumps(row) + "\n")
 
     for name, n, h, d in DRY_SHAPES if dry else SHAPES:
+        if shapes and not any(x in name for x in shapes.split(",")):
+            continue
         g = torch.Generator(device=dev).manual_seed(0)
         dtype = torch.float32 if dry else torch.bfloat16
         base = torch.randn(1, n, 3, h, d, device=dev, dtype=dtype, generator=g)
@@ -67,30 +73,33 @@ def sweep(dry: bool, out: str | None) -> list[dict]:
         k, v = base[:, :, 1].transpose(1, 2), base[:, :, 2].transpose(1, 2)
         ideal = 2 * k.numel() * k.element_size() / 4.8e12 * 1e6
 
-        def stats(block_t: int, per_sm: int, warps: int) -> torch.Tensor:
-            splits = max(1, min(triton.cdiv(n, block_t), triton.cdiv(per_sm * num_sms(dev), h)))
+        prod = A.KV_PASSES[d]
+
+        def stats(block_t: int, unroll: int) -> tuple[float, torch.Tensor]:
+            splits = max(1, min(triton.cdiv(n, block_t), triton.cdiv(4 * num_sms(dev), h)))
             tps = triton.cdiv(triton.cdiv(n, splits), block_t) * block_t
             splits = triton.cdiv(n, tps)
             part = torch.empty((4, h, splits, d), device=dev, dtype=torch.float32)
             fn = lambda: A._kv_stats_kernel[(h, splits)](k, v, part[0], part[1], part[2], part[3], h, n, tps, splits,  # noqa: E731
                                                          *k.stride(), *v.stride(), HEAD_DIM=d, BLOCK_T=block_t,
-                                                         num_warps=warps)
+                                                         UNROLL=unroll, num_warps=4)
             fn()
             us = bench(fn)
             return us, torch.stack([part[0].sum(1), part[1].sum(1), part[2].amin(1), part[3].amax(1)])
 
-        prod_us, want = stats(2048 // d, 4, 4)
-        emit(dict(shape=name, part="stats", block_t=2048 // d, per_sm=4, warps=4, us=round(prod_us, 1),
-                  production=True, read_at_4_8_TBs_us=round(ideal, 1)))
-        for block_t in (16, 32, 64):
-            for per_sm in (4, 8, 16):
-                for warps in (4, 8):
-                    if (block_t, per_sm, warps) == (2048 // d, 4, 4) or (dry and per_sm > 4):
-                        continue
-                    us, got = stats(block_t, per_sm, warps)
-                    err = float(((got - want).abs() / (want.abs() + 1)).max())
-                    emit(dict(shape=name, part="stats", block_t=block_t, per_sm=per_sm, warps=warps, us=round(us, 1),
-                              max_rel_diff=err))
+        best = {}
+        prod_us, want = stats(prod["stats_block_t"], prod["stats_unroll"])
+        best["stats"] = (prod_us, dict(stats_block_t=prod["stats_block_t"], stats_unroll=prod["stats_unroll"]))
+        emit(dict(shape=name, part="stats", block_t=prod["stats_block_t"], unroll=prod["stats_unroll"],
+                  us=round(prod_us, 1), production=True, read_at_4_8_TBs_us=round(ideal, 1)))
+        for block_t, unroll in ((2048 // d, 1), (2048 // d, 2), (1024 // d, 2), (1024 // d, 1)):
+            if (block_t, unroll) == (prod["stats_block_t"], prod["stats_unroll"]):
+                continue
+            us, got = stats(block_t, unroll)
+            err = float(((got - want).abs() / (want.abs() + 1)).max())
+            emit(dict(shape=name, part="stats", block_t=block_t, unroll=unroll, us=round(us, 1), max_rel_diff=err))
+            if err < 1e-5 and us < best["stats"][0]:
+                best["stats"] = (us, dict(stats_block_t=block_t, stats_unroll=unroll))
         km, vm = k.float().mean(2)[0].contiguous(), v.float().mean(2)[0].contiguous()
         vamax = (v.float()[0] - vm[:, None]).abs().amax(1).clamp_min(EPS)
         vinv, vs = (FP8_MAX / vamax).contiguous(), (vamax / FP8_MAX).contiguous()
@@ -98,26 +107,33 @@ def sweep(dry: bool, out: str | None) -> list[dict]:
         nkb = triton.cdiv(n, bn)
         pad = nkb * bn
 
-        def quant(warps: int, permute: bool) -> tuple[float, torch.Tensor]:
+        def quant(warps: int, split: bool) -> tuple[float, list[torch.Tensor]]:
             k8 = torch.zeros((h * pad, d), device=dev, dtype=torch.int8)
             ks = torch.zeros((h, nkb), device=dev)
             vt = torch.zeros((h * d, pad), device=dev, dtype=torch.float8_e4m3fn)
             vb = torch.zeros((h, nkb, d), device=dev)
-            fn = lambda: A._kv_quant_kernel[(nkb, h)](k, v, km, vm, vinv, vs, k8, ks, vt, vb, h, n, pad, nkb,  # noqa: E731
-                                                      *k.stride(), *v.stride(), HEAD_DIM=d, BLOCK_N=bn, SMOOTH_K=True,
-                                                      SMOOTH_V=True, PV_FP8=True, EMULATE_FP8=dry, PERMUTE_V=permute,
-                                                      num_warps=warps)
+            grid = (nkb, h, 2 if split else 1)
+            fn = lambda: A._kv_quant_kernel[grid](k, v, km, vm, vinv, vs, k8, ks, vt, vb, h, n, pad, nkb,  # noqa: E731
+                                                  *k.stride(), *v.stride(), HEAD_DIM=d, BLOCK_N=bn, SMOOTH_K=True,
+                                                  SMOOTH_V=True, PV_FP8=True, EMULATE_FP8=dry, PERMUTE_V=True,
+                                                  SPLIT_KV=split, num_warps=warps)
             fn()
-            return bench(fn), vt.view(torch.uint8).clone()
+            return bench(fn), [k8.clone(), ks.clone(), vt.view(torch.uint8).clone(), vb.clone()]
 
-        prod_q, want_vt = quant(4, True)
-        emit(dict(shape=name, part="quant", warps=4, permute_v=True, us=round(prod_q, 1), production=True))
-        for warps, permute in ((8, True), (4, False), (8, False)):
-            us, vt = quant(warps, permute)
-            row = dict(shape=name, part="quant", warps=warps, permute_v=permute, us=round(us, 1))
-            if permute:
-                row["same_codes"] = bool(torch.equal(vt, want_vt))
-            emit(row)
+        prod_q, want_q = quant(prod["quant_warps"], prod["split_kv"])
+        best["quant"] = (prod_q, dict(quant_warps=prod["quant_warps"], split_kv=prod["split_kv"]))
+        emit(dict(shape=name, part="quant", warps=prod["quant_warps"], split_kv=prod["split_kv"], us=round(prod_q, 1),
+                  production=True))
+        for warps, split in ((4, False), (8, False), (4, True), (8, True)):
+            if (warps, split) == (prod["quant_warps"], prod["split_kv"]):
+                continue
+            us, got = quant(warps, split)
+            same = all(torch.equal(a, b) for a, b in zip(got, want_q))
+            emit(dict(shape=name, part="quant", warps=warps, split_kv=split, us=round(us, 1), same_codes=same))
+            if same and us < best["quant"][0]:
+                best["quant"] = (us, dict(quant_warps=warps, split_kv=split))
+        emit(dict(shape=name, part="best", head_dim=d, us=round(best["stats"][0] + best["quant"][0], 1),
+                  production_us=round(prod_us + prod_q, 1), **best["stats"][1], **best["quant"][1]))
     return rows
 
 
@@ -125,10 +141,37 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="JSON lines file, appended to")
     ap.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes in the Triton interpreter")
+    ap.add_argument("--shapes", default=None, help="comma-separated substrings of the shape names to run")
+    ap.add_argument("--choose", default=None,
+                    help="JSON file to write the fastest choices per head dim to (summed over its shapes)")
     a = ap.parse_args(argv)
     if not a.dry_run_cpu and not torch.cuda.is_available():
         raise SystemExit("kv_pass_sweep.py times CUDA kernels and needs a GPU; --dry-run-cpu checks it on the CPU")
-    sweep(a.dry_run_cpu, a.out)
+    rows = sweep(a.dry_run_cpu, a.out, a.shapes)
+    if a.choose:
+        Path(a.choose).write_text(json.dumps(choose(rows), indent=1))
+
+
+def choose(rows: list[dict]) -> dict[str, dict]:
+    """Per head dim, the launch choices whose summed time over that head dim's shapes is least (a shape's best
+    rows name the choices; choices that were best at one shape only are timed at the others from their rows)."""
+    out: dict[str, dict] = {}
+    for d in sorted({r["head_dim"] for r in rows if r["part"] == "best"}):
+        shapes = [r["shape"] for r in rows if r["part"] == "best" and r["head_dim"] == d]
+
+        def total(part: str, keys: dict) -> float:
+            got = [r for r in rows if r["part"] == part and r["shape"] in shapes
+                   and all(r.get(k) == v for k, v in keys.items())]
+            return sum(r["us"] for r in got) if len(got) == len(shapes) else float("inf")
+        stats = min(({"block_t": r["block_t"], "unroll": r["unroll"]} for r in rows
+                     if r["part"] == "stats" and r["shape"] in shapes and r.get("max_rel_diff", 0.0) < 1e-5),
+                    key=lambda c: total("stats", c))
+        quant = min(({"warps": r["warps"], "split_kv": r["split_kv"]} for r in rows
+                     if r["part"] == "quant" and r["shape"] in shapes and r.get("same_codes", True)),
+                    key=lambda c: total("quant", c))
+        out[str(d)] = dict(stats_block_t=stats["block_t"], stats_unroll=stats["unroll"], split_kv=quant["split_kv"],
+                           quant_warps=quant["warps"])
+    return out
 
 
 if __name__ == "__main__":

@@ -451,16 +451,19 @@ def attn_kv_quant_permuted_v_and_rounding_bias():
     vamax = (v[0] - vm[:, None]).abs().amax(1).clamp_min(R.EPS)
     vinv, vs = R._div(R.FP8_MAX, vamax).contiguous(), R._sdiv(vamax, R.FP8_MAX).contiguous()
     outs = []
-    for perm in (False, True):
+    for perm, split in ((False, False), (True, False), (True, True)):
         k8 = torch.zeros(bh * nkb * bn, d, dtype=torch.int8)
         ks = torch.zeros(bh, nkb)
         vt = torch.zeros(bh * d, nkb * bn, dtype=torch.float8_e4m3fn)
         vb = torch.zeros(bh, nkb, d)
-        _kv_quant_kernel[(nkb, bh)](k, v, km, vm, vinv, vs, k8, ks, vt, vb, bh, nk, nkb * bn, nkb, *k.stride(),
-                                    *v.stride(), HEAD_DIM=d, BLOCK_N=bn, SMOOTH_K=True, SMOOTH_V=True, PV_FP8=True,
-                                    EMULATE_FP8=True, PERMUTE_V=perm, num_warps=4)
-        outs.append((vt.float(), vb))
-    (vt0, vb0), (vt1, vb1) = outs
+        _kv_quant_kernel[(nkb, bh, 2 if split else 1)](k, v, km, vm, vinv, vs, k8, ks, vt, vb, bh, nk, nkb * bn, nkb,
+                                                       *k.stride(), *v.stride(), HEAD_DIM=d, BLOCK_N=bn, SMOOTH_K=True,
+                                                       SMOOTH_V=True, PV_FP8=True, EMULATE_FP8=True, PERMUTE_V=perm,
+                                                       SPLIT_KV=split, num_warps=4)
+        outs.append((vt.float(), vb, k8, ks))
+    (vt0, vb0, _, _), (vt1, vb1, k81, ks1), (vt2, vb2, k82, ks2) = outs
+    # K and V in separate programs (SPLIT_KV): the same codes, scales and bias sums bit for bit
+    assert torch.equal(vt2, vt1) and torch.equal(vb2, vb1) and torch.equal(k82, k81) and torch.equal(ks2, ks1)
     cols = v_column(torch.arange(nkb * bn))
     assert sorted(cols.tolist()) == list(range(nkb * bn)), "v_column is not a permutation"
     assert torch.equal(vt1[:, cols], vt0), "PERMUTE_V moved codes elsewhere than v_column"
@@ -469,6 +472,27 @@ def attn_kv_quant_permuted_v_and_rounding_bias():
     want = R.v_rounding_bias(vc[None], v8[None], vs[None, :, None, :])[0, :, 0] * nk    # [BH, D]
     assert torch.equal(vb0, vb1)
     return float((vb0.sum(1) - want).abs().max()), 1e-4
+
+
+@check
+def attn_kv_stats_two_tiles_a_step():
+    """The statistics pass loading two token tiles a step (UNROLL=2, ragged split ends included) gives the one-tile
+    pass's sums, minima and maxima bit for bit, and they match torch's reductions."""
+    from workbench.kernels.attention import _kv_stats_kernel
+    bh, nk, d, bt, tps = 2, 150, 32, 16, 48       # 4 splits: 48, 48, 48, 6 tokens (3 tiles a split: odd)
+    splits = -(-nk // tps)
+    k = torch.randn(1, bh, nk, d, generator=_g(6)) + 2.0
+    v = torch.randn(1, bh, nk, d, generator=_g(7))
+    got = []
+    for unroll in (1, 2):
+        part = torch.zeros(4, bh, splits, d)
+        _kv_stats_kernel[(bh, splits)](k, v, part[0], part[1], part[2], part[3], bh, nk, tps, splits, *k.stride(),
+                                       *v.stride(), HEAD_DIM=d, BLOCK_T=bt, UNROLL=unroll, num_warps=4)
+        got.append(part)
+    assert torch.equal(got[0], got[1]), "UNROLL=2 changed the statistics"
+    want = torch.stack([k[0].sum(1), v[0].sum(1), v[0].amin(1), v[0].amax(1)])
+    have = torch.stack([got[1][0].sum(1), got[1][1].sum(1), got[1][2].amin(1), got[1][3].amax(1)])
+    return float((have - want).abs().max()), 1e-3
 
 
 @check

@@ -198,3 +198,31 @@ def test_row_quantizers_compile_for_sm90(fp8):
     ptx, shared, regs, local = _compile(Q._residual_norm_quant_kernel, sig, consts, 4, 1)
     assert local == 0 and "rsqrt.approx" in ptx
     assert ("cvt.rn.satfinite.e4m3x2.f32" in ptx) == fp8, "the e4m3 codes do not use the hardware cast"
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_kv_pass_launch_choices_compile_for_sm90_without_spills(d):
+    """Every launch choice `scripts/kv_pass_sweep.py` can pick into `attention.KV_PASSES` (K and V blocks in one
+    program or two, 4 or 8 warps; one or two statistics tiles a step) compiles for sm_90 without register spills;
+    splitting K from V lowers the quant pass's registers at both head dims with 8 warps."""
+    A = importlib.import_module("workbench.kernels.attention")
+    sig = dict(k_ptr="*bf16", v_ptr="*bf16", km_ptr="*fp32", vm_ptr="*fp32", vinv_ptr="*fp32", vs_ptr="*fp32",
+               k8_ptr="*i8", ks_ptr="*fp32", vt_ptr="*fp8e4nv", vb_ptr="*fp32", H="i32", NK="i32", NK_PAD="i32",
+               NKB="i32", skb="i32", skh="i32", skn="i32", skd="i32", svb="i32", svh="i32", svn="i32", svd="i32")
+    regs = {}
+    for split in (False, True):
+        for warps in (4, 8):
+            consts = dict(HEAD_DIM=d, BLOCK_N=128, SMOOTH_K=True, SMOOTH_V=True, PV_FP8=True, EMULATE_FP8=False,
+                          PERMUTE_V=True, SPLIT_KV=split, skd=1, svd=1)
+            _, _, r, local = _compile(A._kv_quant_kernel, sig, consts, warps, 1,
+                                      div16=["k_ptr", "v_ptr", "k8_ptr", "vt_ptr", "skn", "svn", "NK_PAD"])
+            assert local == 0, f"quant pass split={split} warps={warps}: {local} bytes of spills"
+            regs[split, warps] = r
+    assert regs[True, 8] < regs[False, 8]
+    sig = dict(k_ptr="*bf16", v_ptr="*bf16", ksum_ptr="*fp32", vsum_ptr="*fp32", vmin_ptr="*fp32", vmax_ptr="*fp32",
+               H="i32", NK="i32", TOK_PER_SPLIT="i32", SPLITS="i32", skb="i32", skh="i32", skn="i32", skd="i32",
+               svb="i32", svh="i32", svn="i32", svd="i32")
+    for block_t, unroll in ((2048 // d, 1), (2048 // d, 2), (1024 // d, 2), (1024 // d, 1)):
+        _, _, r, local = _compile(A._kv_stats_kernel, sig, dict(HEAD_DIM=d, BLOCK_T=block_t, UNROLL=unroll, skd=1,
+                                                                 svd=1), 4, 1, div16=["k_ptr", "v_ptr", "skn", "svn"])
+        assert local == 0, f"statistics pass BLOCK_T={block_t} UNROLL={unroll}: {local} bytes of spills"

@@ -18,7 +18,7 @@ Pipeline (5 launches, two of them tiny), semantics = reference.quant_attention_r
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import math
 import torch
@@ -30,16 +30,25 @@ from ._triton_utils import (TensorDescriptor, fast_bench, int_to_f32_exact, inte
 from .reference import EPS, FP8_MAX, LOG2E, default_blocks
 
 
+# launch choices of the K/V passes per head dim (the same codes whichever is chosen, up to the order of the
+# statistics' fp32 sums when stats_block_t changes the token splits; `scripts/kv_pass_sweep.py` times them): stats_block_t - token rows of the statistics pass's register tile,
+# stats_unroll - tiles loaded together a step (1 or 2), split_kv - the quant pass's K and V blocks in separate
+# programs, quant_warps - its warps
+KV_PASSES: Dict[int, Dict[str, Any]] = {d: dict(stats_block_t=2048 // d, stats_unroll=1, split_kv=False, quant_warps=4)
+                                        for d in (16, 32, 64, 128)}
+
+
 @triton.jit
 def _kv_stats_kernel(k_ptr, v_ptr, ksum_ptr, vsum_ptr, vmin_ptr, vmax_ptr,
                      H, NK, TOK_PER_SPLIT, SPLITS,
                      skb, skh, skn, skd, svb, svh, svn, svd,
-                     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
+                     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, UNROLL: tl.constexpr = 1):
     """Partial per-channel sum(K), sum(V), min(V), max(V) over one token split of one (b, h).
 
     The loop accumulates element-wise into [BLOCK_T, HEAD_DIM] registers and reduces over tokens once at the end:
     a reduction per tile (cross-warp, through shared memory) made the pass latency-bound (H200: 108 -> 58 us on
-    CogVideoX-2B's K and V, 259 -> 129 us on the HunyuanVideo-like shape)."""
+    CogVideoX-2B's K and V, 259 -> 129 us on the HunyuanVideo-like shape). UNROLL (1 or 2) tiles are loaded before
+    any is added (more bytes in flight a program), added in token order: the same sums bit for bit."""
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -54,15 +63,25 @@ def _kv_stats_kernel(k_ptr, v_ptr, ksum_ptr, vsum_ptr, vmin_ptr, vmax_ptr,
     vmax = tl.full([BLOCK_T, HEAD_DIM], float("-inf"), dtype=tl.float32)
     start = pid_s * TOK_PER_SPLIT
     end = tl.minimum(start + TOK_PER_SPLIT, NK)
-    for t0 in range(start, end, BLOCK_T):
+    for t0 in range(start, end, BLOCK_T * UNROLL):
         tt = (t0 + offs_t).to(tl.int64)
         msk = (tt < end)[:, None]
         kt = tl.load(k_base + tt[:, None] * skn + offs_d[None, :] * skd, mask=msk, other=0.0).to(tl.float32)
         vt = tl.load(v_base + tt[:, None] * svn + offs_d[None, :] * svd, mask=msk, other=0.0).to(tl.float32)
+        if UNROLL == 2:
+            tt2 = tt + BLOCK_T
+            msk2 = (tt2 < end)[:, None]
+            kt2 = tl.load(k_base + tt2[:, None] * skn + offs_d[None, :] * skd, mask=msk2, other=0.0).to(tl.float32)
+            vt2 = tl.load(v_base + tt2[:, None] * svn + offs_d[None, :] * svd, mask=msk2, other=0.0).to(tl.float32)
         ksum += kt
         vsum += vt
         vmin = tl.minimum(vmin, tl.where(msk, vt, float("inf")))
         vmax = tl.maximum(vmax, tl.where(msk, vt, float("-inf")))
+        if UNROLL == 2:
+            ksum += kt2
+            vsum += vt2
+            vmin = tl.minimum(vmin, tl.where(msk2, vt2, float("inf")))
+            vmax = tl.maximum(vmax, tl.where(msk2, vt2, float("-inf")))
     o = (pid_bh * SPLITS + pid_s) * HEAD_DIM + offs_d
     tl.store(ksum_ptr + o, tl.sum(ksum, axis=0))
     tl.store(vsum_ptr + o, tl.sum(vsum, axis=0))
@@ -119,31 +138,9 @@ def _v_bias_finalize_kernel(vm_ptr, vb_ptr, out_ptr, NKB, NK_F, HEAD_DIM: tl.con
 
 
 @triton.jit
-def _kv_quant_kernel(k_ptr, v_ptr, km_ptr, vm_ptr, vinv_ptr, vs_ptr, k8_ptr, ks_ptr, vt_ptr, vb_ptr,
-                     H, NK, NK_PAD, NKB,
-                     skb, skh, skn, skd, svb, svh, svn, svd,
-                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SMOOTH_K: tl.constexpr,
-                     SMOOTH_V: tl.constexpr, PV_FP8: tl.constexpr, EMULATE_FP8: tl.constexpr,
-                     PERMUTE_V: tl.constexpr):
-    """Smooth + int8-quantize one K block (per-block scale), quantize + transpose one V block and write the
-    block's per-channel sum of V's rounding error (reference.v_rounding_bias; `_v_bias_finalize_kernel` sums them).
-
-    PERMUTE_V: store token n of each 32-token group at column `attention_sm90.v_column(n)`, the order in which
-    the Gluon kernel's P registers already sit as a wgmma A operand (no shuffles of P before P.V). The tile is
-    permuted in registers (reshape / permute) so the transposed store stays token-contiguous: storing to permuted
-    columns scattered it into 2-byte pieces (H200: 222 -> 133 us on Wan2.1-1.3B's K and V)."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    valid = (offs_n < NK)[:, None]
-    tok = offs_n.to(tl.int64)
-    k = tl.load(k_ptr + b * skb + h * skh + tok[:, None] * skn + offs_d[None, :] * skd,
-                mask=valid, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + b * svb + h * svh + tok[:, None] * svn + offs_d[None, :] * svd,
-                mask=valid, other=0.0).to(tl.float32)                  # both loads in flight at once
+def _quant_k_block(k, pid_n, pid_bh, tok, valid, offs_d, km_ptr, k8_ptr, ks_ptr, NK_PAD, NKB,
+                   HEAD_DIM: tl.constexpr, SMOOTH_K: tl.constexpr):
+    """K block (fp32 tile) -> K - mean (smoothing), int8 with one scale for the block."""
     if SMOOTH_K:
         k = k - tl.load(km_ptr + pid_bh * HEAD_DIM + offs_d)[None, :]
     k = tl.where(valid, k, 0.0)
@@ -152,6 +149,14 @@ def _kv_quant_kernel(k_ptr, v_ptr, km_ptr, vm_ptr, vinv_ptr, vs_ptr, k8_ptr, ks_
     row = pid_bh.to(tl.int64) * NK_PAD + tok
     tl.store(k8_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], k8)
     tl.store(ks_ptr + pid_bh * NKB + pid_n, tl.math.div_rn(amax, 127.0))
+
+
+@triton.jit
+def _quant_v_block(v, pid_n, pid_bh, tok, valid, offs_d, vm_ptr, vinv_ptr, vs_ptr, vt_ptr, vb_ptr, NK_PAD, NKB,
+                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SMOOTH_V: tl.constexpr, PV_FP8: tl.constexpr,
+                   EMULATE_FP8: tl.constexpr, PERMUTE_V: tl.constexpr):
+    """V block (fp32 tile) -> V - mean, e4m3 per channel (or fp16) stored transposed, and the block's per-channel
+    sum of the rounding error."""
     if SMOOTH_V:
         v = v - tl.load(vm_ptr + pid_bh * HEAD_DIM + offs_d)[None, :]
     v = tl.where(valid, v, 0.0)
@@ -167,6 +172,49 @@ def _kv_quant_kernel(k_ptr, v_ptr, km_ptr, vm_ptr, vinv_ptr, vs_ptr, k8_ptr, ks_
                         [BLOCK_N, HEAD_DIM])
     vrow = pid_bh.to(tl.int64) * HEAD_DIM + offs_d
     tl.store(vt_ptr + vrow[None, :] * NK_PAD + tok[:, None], v8)
+
+
+@triton.jit
+def _kv_quant_kernel(k_ptr, v_ptr, km_ptr, vm_ptr, vinv_ptr, vs_ptr, k8_ptr, ks_ptr, vt_ptr, vb_ptr,
+                     H, NK, NK_PAD, NKB,
+                     skb, skh, skn, skd, svb, svh, svn, svd,
+                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SMOOTH_K: tl.constexpr,
+                     SMOOTH_V: tl.constexpr, PV_FP8: tl.constexpr, EMULATE_FP8: tl.constexpr,
+                     PERMUTE_V: tl.constexpr, SPLIT_KV: tl.constexpr = False):
+    """Smooth + int8-quantize one K block (per-block scale), quantize + transpose one V block and write the
+    block's per-channel sum of V's rounding error (reference.v_rounding_bias; `_v_bias_finalize_kernel` sums them).
+
+    PERMUTE_V: store token n of each 32-token group at column `attention_sm90.v_column(n)`, the order in which
+    the Gluon kernel's P registers already sit as a wgmma A operand (no shuffles of P before P.V). The tile is
+    permuted in registers (reshape / permute) so the transposed store stays token-contiguous: storing to permuted
+    columns scattered it into 2-byte pieces (H200: 222 -> 133 us on Wan2.1-1.3B's K and V).
+    SPLIT_KV: the K block and the V block in two programs (grid axis 2 of size 2): half the registers a program,
+    so twice the programs an SM overlap their loads, arithmetic and stores; the same codes bit for bit."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    valid = (offs_n < NK)[:, None]
+    tok = offs_n.to(tl.int64)
+    k_tile = k_ptr + b * skb + h * skh + tok[:, None] * skn + offs_d[None, :] * skd
+    v_tile = v_ptr + b * svb + h * svh + tok[:, None] * svn + offs_d[None, :] * svd
+    if SPLIT_KV:
+        if tl.program_id(2) == 0:
+            k = tl.load(k_tile, mask=valid, other=0.0).to(tl.float32)
+            _quant_k_block(k, pid_n, pid_bh, tok, valid, offs_d, km_ptr, k8_ptr, ks_ptr, NK_PAD, NKB, HEAD_DIM,
+                           SMOOTH_K)
+        else:
+            v = tl.load(v_tile, mask=valid, other=0.0).to(tl.float32)
+            _quant_v_block(v, pid_n, pid_bh, tok, valid, offs_d, vm_ptr, vinv_ptr, vs_ptr, vt_ptr, vb_ptr, NK_PAD,
+                           NKB, HEAD_DIM, BLOCK_N, SMOOTH_V, PV_FP8, EMULATE_FP8, PERMUTE_V)
+    else:
+        k = tl.load(k_tile, mask=valid, other=0.0).to(tl.float32)
+        v = tl.load(v_tile, mask=valid, other=0.0).to(tl.float32)                  # both loads in flight at once
+        _quant_k_block(k, pid_n, pid_bh, tok, valid, offs_d, km_ptr, k8_ptr, ks_ptr, NK_PAD, NKB, HEAD_DIM, SMOOTH_K)
+        _quant_v_block(v, pid_n, pid_bh, tok, valid, offs_d, vm_ptr, vinv_ptr, vs_ptr, vt_ptr, vb_ptr, NK_PAD, NKB,
+                       HEAD_DIM, BLOCK_N, SMOOTH_V, PV_FP8, EMULATE_FP8, PERMUTE_V)
 
 
 @triton.jit
@@ -339,14 +387,16 @@ def quant_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm
     emulate = interpreting()
 
     # 1) statistics for K smoothing and V smoothing / per-channel V scale
-    block_t = 2048 // d  # register tiles of 2,048 elements, ~4 programs per SM (swept on an H200, NOTES.md)
+    passes = KV_PASSES[d]
+    block_t = passes["stats_block_t"]  # ~4 programs per SM (swept on an H200, NOTES.md)
     target = 4 * num_sms(dev)
     splits = max(1, min(triton.cdiv(nk, block_t), triton.cdiv(target, bh)))
     tok_per_split = triton.cdiv(triton.cdiv(nk, splits), block_t) * block_t
     splits = triton.cdiv(nk, tok_per_split)
     part = torch.empty((4, bh, splits, d), device=dev, dtype=torch.float32)
     _kv_stats_kernel[(bh, splits)](k, v, part[0], part[1], part[2], part[3], h, nk, tok_per_split, splits,
-                                   *k.stride(), *v.stride(), HEAD_DIM=d, BLOCK_T=block_t, num_warps=4)
+                                   *k.stride(), *v.stride(), HEAD_DIM=d, BLOCK_T=block_t,
+                                   UNROLL=passes["stats_unroll"], num_warps=4)
     # the splits' partials -> K / V means and V's scales in one tiny launch (was ~12 torch kernels a call)
     km, vm, vinv, vs = torch.empty((4, bh, d), device=dev, dtype=torch.float32).unbind(0)
     _kv_stats_finalize_kernel[(bh,)](part, km, vm, vinv, vs, bh, splits, float(nk), HEAD_DIM=d,
@@ -369,10 +419,12 @@ def quant_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm
     ks = torch.empty((bh, nkb), device=dev, dtype=torch.float32)
     vt = torch.empty((bh * d, nk_pad), device=dev, dtype=torch.float8_e4m3fn if pv_fp8 else torch.float16)
     vb = torch.empty((bh, nkb, d), device=dev, dtype=torch.float32)
-    _kv_quant_kernel[(nkb, bh)](k, v, km, vm, vinv, vs, k8, ks, vt, vb, h, nk, nk_pad, nkb,
-                                *k.stride(), *v.stride(), HEAD_DIM=d, BLOCK_N=block_n,
-                                SMOOTH_K=smooth_k, SMOOTH_V=smooth_v, PV_FP8=pv_fp8, EMULATE_FP8=emulate,
-                                PERMUTE_V=use_fa3, num_warps=4)
+    split = passes["split_kv"]
+    _kv_quant_kernel[(nkb, bh, 2 if split else 1)](k, v, km, vm, vinv, vs, k8, ks, vt, vb, h, nk, nk_pad, nkb,
+                                                   *k.stride(), *v.stride(), HEAD_DIM=d, BLOCK_N=block_n,
+                                                   SMOOTH_K=smooth_k, SMOOTH_V=smooth_v, PV_FP8=pv_fp8,
+                                                   EMULATE_FP8=emulate, PERMUTE_V=use_fa3, SPLIT_KV=split,
+                                                   num_warps=passes["quant_warps"])
     vm_bias = torch.empty_like(vm)                           # the epilogue adds V's mean and its rounding bias
     _v_bias_finalize_kernel[(bh,)](vm, vb, vm_bias, nkb, float(nk), HEAD_DIM=d, BLOCK_R=32, num_warps=4)
     vm = vm_bias
