@@ -31,11 +31,13 @@ from .reference import EPS, FP8_MAX, LOG2E, default_blocks
 
 
 # launch choices of the K/V passes per head dim (the same codes whichever is chosen, up to the order of the
-# statistics' fp32 sums when stats_block_t changes the token splits; `scripts/kv_pass_sweep.py` times them): stats_block_t - token rows of the statistics pass's register tile,
-# stats_unroll - tiles loaded together a step (1 or 2), split_kv - the quant pass's K and V blocks in separate
-# programs, quant_warps - its warps
-KV_PASSES: Dict[int, Dict[str, Any]] = {d: dict(stats_block_t=2048 // d, stats_unroll=1, split_kv=False, quant_warps=4)
-                                        for d in (16, 32, 64, 128)}
+# statistics' fp32 sums when stats_block_t changes the token splits): stats_block_t - token rows of the statistics
+# pass's register tile, stats_unroll - tiles loaded together a step (1 or 2), split_kv - the quant pass's K and V
+# blocks in separate programs, quant_warps - its warps. D = 64 / 128: chosen by `scripts/kv_pass_sweep.py --choose`
+# on an H200 (2026-11-30): K and V in two programs took the quant pass from 98 / 199 / 352 us to 79 / 131 / 237 us
+# (CogVideoX-2B / Wan2.1-1.3B / HunyuanVideo-like shapes); two statistics tiles a step were slower at every shape.
+KV_PASSES: Dict[int, Dict[str, Any]] = {d: dict(stats_block_t=2048 // d, stats_unroll=1, split_kv=d in (64, 128),
+                                             quant_warps=4) for d in (16, 32, 64, 128)}
 
 
 @triton.jit
