@@ -87,19 +87,16 @@ def sweep(dry: bool, out: str | None, shapes: str | None = None) -> list[dict]:
             us = bench(fn)
             return us, torch.stack([part[0].sum(1), part[1].sum(1), part[2].amin(1), part[3].amax(1)])
 
-        best = {}
         prod_us, want = stats(prod["stats_block_t"], prod["stats_unroll"])
-        best["stats"] = (prod_us, dict(stats_block_t=prod["stats_block_t"], stats_unroll=prod["stats_unroll"]))
-        emit(dict(shape=name, part="stats", block_t=prod["stats_block_t"], unroll=prod["stats_unroll"],
+        emit(dict(shape=name, head_dim=d, part="stats", block_t=prod["stats_block_t"], unroll=prod["stats_unroll"],
                   us=round(prod_us, 1), production=True, read_at_4_8_TBs_us=round(ideal, 1)))
         for block_t, unroll in ((2048 // d, 1), (2048 // d, 2), (1024 // d, 2), (1024 // d, 1)):
             if (block_t, unroll) == (prod["stats_block_t"], prod["stats_unroll"]):
                 continue
             us, got = stats(block_t, unroll)
             err = float(((got - want).abs() / (want.abs() + 1)).max())
-            emit(dict(shape=name, part="stats", block_t=block_t, unroll=unroll, us=round(us, 1), max_rel_diff=err))
-            if err < 1e-5 and us < best["stats"][0]:
-                best["stats"] = (us, dict(stats_block_t=block_t, stats_unroll=unroll))
+            emit(dict(shape=name, head_dim=d, part="stats", block_t=block_t, unroll=unroll, us=round(us, 1),
+                      max_rel_diff=err))
         km, vm = k.float().mean(2)[0].contiguous(), v.float().mean(2)[0].contiguous()
         vamax = (v.float()[0] - vm[:, None]).abs().amax(1).clamp_min(EPS)
         vinv, vs = (FP8_MAX / vamax).contiguous(), (vamax / FP8_MAX).contiguous()
@@ -121,19 +118,15 @@ def sweep(dry: bool, out: str | None, shapes: str | None = None) -> list[dict]:
             return bench(fn), [k8.clone(), ks.clone(), vt.view(torch.uint8).clone(), vb.clone()]
 
         prod_q, want_q = quant(prod["quant_warps"], prod["split_kv"])
-        best["quant"] = (prod_q, dict(quant_warps=prod["quant_warps"], split_kv=prod["split_kv"]))
-        emit(dict(shape=name, part="quant", warps=prod["quant_warps"], split_kv=prod["split_kv"], us=round(prod_q, 1),
-                  production=True))
+        emit(dict(shape=name, head_dim=d, part="quant", warps=prod["quant_warps"], split_kv=prod["split_kv"],
+                  us=round(prod_q, 1), production=True))
         for warps, split in ((4, False), (8, False), (4, True), (8, True)):
             if (warps, split) == (prod["quant_warps"], prod["split_kv"]):
                 continue
             us, got = quant(warps, split)
             same = all(torch.equal(a, b) for a, b in zip(got, want_q))
-            emit(dict(shape=name, part="quant", warps=warps, split_kv=split, us=round(us, 1), same_codes=same))
-            if same and us < best["quant"][0]:
-                best["quant"] = (us, dict(quant_warps=warps, split_kv=split))
-        emit(dict(shape=name, part="best", head_dim=d, us=round(best["stats"][0] + best["quant"][0], 1),
-                  production_us=round(prod_us + prod_q, 1), **best["stats"][1], **best["quant"][1]))
+            emit(dict(shape=name, head_dim=d, part="quant", warps=warps, split_kv=split, us=round(us, 1),
+                      same_codes=same))
     return rows
 
 
@@ -153,11 +146,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def choose(rows: list[dict]) -> dict[str, dict]:
-    """Per head dim, the launch choices whose summed time over that head dim's shapes is least (a shape's best
-    rows name the choices; choices that were best at one shape only are timed at the others from their rows)."""
+    """Per head dim, the statistics and quant pass choices with the least time summed over that head dim's shapes,
+    among those with the production launch's results (a choice not timed at every such shape is not chosen)."""
     out: dict[str, dict] = {}
-    for d in sorted({r["head_dim"] for r in rows if r["part"] == "best"}):
-        shapes = [r["shape"] for r in rows if r["part"] == "best" and r["head_dim"] == d]
+    for d in sorted({r["head_dim"] for r in rows}):
+        shapes = {r["shape"] for r in rows if r["head_dim"] == d}
 
         def total(part: str, keys: dict) -> float:
             got = [r for r in rows if r["part"] == part and r["shape"] in shapes
