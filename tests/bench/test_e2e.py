@@ -62,8 +62,13 @@ def test_run_case_measures_error_and_routes_attention():
     assert by["ours W4A8"].weight_gib < 0.5 * by["bf16 eager"].weight_gib
     compiled = by["ours FP8 + qattn, compiled"]  # traced through the custom ops: attention still routed
     assert compiled.qattn_calls == case.config["num_layers"] and 0 < compiled.rel_err < 0.05
+    # compiled whole: Wan's blocks all take the same input layout, so one graph serves every block, no breaks
+    assert (compiled.graphs, compiled.graph_breaks) == (1, 0)
+    assert by["bf16 eager"].graphs is None and by["ours W4A8"].graph_breaks is None
     md = bench_e2e.markdown(rows)
-    assert md.count("\n") == len(rows) + 1 and "ours W4A8" in md
+    table = md.split("\n\n")[0]
+    assert table.count("\n") == len(rows) + 1 and "ours W4A8" in md
+    assert "| 1 (0) |" in table and table.splitlines()[2].endswith("| - |") and "graphs (breaks): for compiled" in md
 
 
 def test_quantized_attention_context_restores_sdpa():
@@ -263,12 +268,46 @@ def test_a_failing_variant_logs_where_it_failed(monkeypatch):
     assert any("in broken" in ln for ln in trace)
 
 
-def _page(gpu: str, date: str, e2e: list[dict], loop: list[dict], micro: list[dict] | None = None) -> dict:
+def _page(gpu: str, date: str, e2e: list[dict], loop: list[dict], micro: list[dict] | None = None,
+          code: str | None = "c0de5a1e0000") -> dict:
     """A `workbench bench` JSON as one call writes it (only the fields `page.join` / `page.render` read)."""
     return {"env": {"gpu": gpu, "date": date, "torch": "2.11", "triton": "3.6", "diffusers": "0.42",
-                    "torchao": "0.18"}, "gpu_tests": {"status": "not run: the kernel part was skipped (--skip-micro)"},
+                    "torchao": "0.18", "code": code},
+            "gpu_tests": {"status": "not run: the kernel part was skipped (--skip-micro)"},
             "micro": micro or [], "micro_md": "kernel tables" if micro else None, "e2e": e2e, "loop": loop,
-            "parts": [{"date": date, "what": "a call", "wall_s": 300.0}]}
+            "parts": [{"date": date, "what": "a call", "wall_s": 300.0, **({"code": code} if code else {})}]}
+
+
+def test_a_page_says_whether_its_calls_ran_one_version_of_the_code(tmp_path, capsys):
+    """Every call records a hash of the workbench sources; a joined page says whether they all match."""
+    import json
+
+    from workbench.bench import page
+
+    state = page.code_state()
+    assert len(state) == 12 and int(state, 16) >= 0 and page.code_state() == state
+    page.main(["--code-state"])
+    assert capsys.readouterr().out.strip() == state
+    assert page.environment()["code"] == state
+
+    def joined(*codes: str | None) -> str:
+        paths = []
+        for i, code in enumerate(codes):
+            paths.append(tmp_path / f"c{i}.json")
+            paths[-1].write_text(json.dumps(_page("NVIDIA H200", f"2026-11-30 0{i}:00 UTC",
+                                                  [dict(model="M", variant=f"v{i}", ms=10.0 + i)], [], code=code)))
+        out = tmp_path / "joined.md"
+        page.main([str(p) for p in paths] + ["--out", str(out), "--force"])
+        return out.read_text()
+
+    same = joined("aaaaaaaaaaaa", "aaaaaaaaaaaa")
+    assert "All calls ran one version of the workbench sources (code aaaaaaaaaaaa" in same
+    assert "(5.0 min, code aaaaaaaaaaaa)" in same
+    assert "The calls ran 2 versions of the workbench sources (code aaaaaaaaaaaa, bbbbbbbbbbbb)" in joined(
+        "aaaaaaaaaaaa", "bbbbbbbbbbbb")
+    assert "Some calls predate the code-state record (the others ran code aaaaaaaaaaaa)" in joined("aaaaaaaaaaaa", None)
+    with pytest.raises(SystemExit):
+        page.main([])  # neither pages nor --code-state
 
 
 def test_join_pages_of_two_gpus_of_one_host(tmp_path, capsys):

@@ -318,6 +318,21 @@ class Row:
     times_ms: list[float] = field(default_factory=list)
     weight_source: str | None = None  # "bytes": weight_bytes(); None: an older run's CUDA allocator difference
     wall_s: float | None = None  # the variant's whole run (its worker: imports, build, compile, timing)
+    graphs: int | None = None  # compiled variants: graphs Dynamo compiled (one per distinct block input layout)
+    graph_breaks: int | None = None  # compiled variants: graph breaks (0 when every block ran as one graph)
+
+
+def compile_counts() -> tuple[int, int]:
+    """Graphs Dynamo compiled and graph breaks it took since its counters were last cleared: whether a compiled
+    variant (ours or a peer) really ran as compiled blocks, not partly eager."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))
+
+
+def compile_cell(graphs: int | None, breaks: int | None) -> str:
+    """The table cell of `compile_counts` ("-" for an eager variant or an older run's row)."""
+    return "-" if graphs is None else f"{graphs} ({breaks})"
 
 
 def _sync(device: torch.device) -> None:
@@ -426,8 +441,11 @@ def measure(case: ModelCase, v: Variant, device: torch.device, dtype: torch.dtyp
             seed: int = 0, timed: bool = True) -> tuple[Row, torch.Tensor | None]:
     """Build, quantize, compile and time one variant in this process: its row (without the error against bf16,
     which the caller computes) and its output in float32 (None when it failed). timed=False: the output only."""
+    from torch._dynamo.utils import counters
+
     row, out, model = Row(case.name, v.name), None, None
     t0 = time.time()
+    counters.clear()
     try:
         model, row.weight_gib = prepare(case, v, device, dtype, compile_backend, seed)
         row.weight_source = "bytes"
@@ -448,6 +466,8 @@ def measure(case: ModelCase, v: Variant, device: torch.device, dtype: torch.dtyp
                 routed.reset()  # count the routed calls of one forward
             out = model(**x)[0].float()
             row.qattn_calls = check_routed(v, routed)
+            if v.compiled:
+                row.graphs, row.graph_breaks = compile_counts()
         if not torch.isfinite(out).all():
             raise FloatingPointError("output has NaN/inf")
         if timed:
@@ -595,21 +615,26 @@ def markdown(rows: list[Row]) -> str:
     def x(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}x"
 
-    lines = ["| model | variant | median ms | vs bf16 eager | vs bf16 compiled | peak GiB | weights GiB | rel. error vs bf16 |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | variant | median ms | vs bf16 eager | vs bf16 compiled | peak GiB | weights GiB | rel. error vs bf16 "
+             "| graphs (breaks) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     dagger = False
     for r in rows:
         if r.error:
-            lines.append(f"| {r.model} | {r.variant} | {cell(r.error)} | | | | | |")
+            lines.append(f"| {r.model} | {r.variant} | {cell(r.error)} | | | | | | |")
             continue
         w = f(r.weight_gib, '.3f')
         if r.weight_gib is not None and r.weight_source != "bytes":
             w, dagger = w + " †", True
         lines.append(f"| {r.model} | {r.variant} | {f(r.ms, '.1f')} | {x(r.speedup_vs_eager)} | "
-                     f"{x(r.speedup_vs_compiled)} | {f(r.peak_gib, '.2f')} | {w} | {f(r.rel_err, '.4f')} |")
+                     f"{x(r.speedup_vs_compiled)} | {f(r.peak_gib, '.2f')} | {w} | {f(r.rel_err, '.4f')} | "
+                     f"{compile_cell(r.graphs, r.graph_breaks)} |")
     if dagger:
         lines += ["", "† weights measured as the CUDA allocator's growth when the variant was built (an earlier "
                   "version of the bench); it over-counts by up to 0.1 GiB. The other rows count parameter and buffer bytes."]
+    if any(r.graphs is not None for r in rows):
+        lines += ["", "graphs (breaks): for compiled variants, the graphs torch.compile built and the graph breaks it "
+                  "took (every block is compiled on its own; a block whose input is laid out differently, such as the "
+                  "first, gets a graph of its own). No breaks: no part of a block ran eager."]
     return "\n".join(lines)
 
 

@@ -59,6 +59,8 @@ class LoopRow:
     attn_calls: int = 0  # routed attention kernel calls per transformer call
     error: str | None = None
     wall_s: float | None = None  # the variant's whole worker: imports, build, compile, warm-up, loop
+    graphs: int | None = None  # compiled variants: graphs Dynamo compiled (`e2e.compile_counts`)
+    graph_breaks: int | None = None
 
 
 def best_available_peer() -> str | None:
@@ -115,8 +117,11 @@ def measure_loop(case: ModelCase, v: Variant, device: torch.device, dtype: torch
                  log: Callable[[str], None] = print) -> tuple[LoopRow, torch.Tensor | None]:
     """Build one variant in this process and time one sampled video after `warmup_steps` untimed steps; its
     row and the final latents (None when it failed)."""
+    from torch._dynamo.utils import counters
+
     row, out, model = LoopRow(case.name, v.name, steps=s.steps), None, None
     t0 = time.time()
+    counters.clear()
     try:
         model, row.weight_gib = e2e.prepare(case, v, device, dtype, compile_backend, s.seed)
         latents, text = loop_inputs(case, device, dtype, s.seed)
@@ -137,6 +142,8 @@ def measure_loop(case: ModelCase, v: Variant, device: torch.device, dtype: torch
             if device.type == "cuda":
                 row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
             row.attn_calls = e2e.check_routed(v, routed) // s.steps
+            if v.compiled:
+                row.graphs, row.graph_breaks = e2e.compile_counts()
         if not torch.isfinite(out).all():
             raise FloatingPointError("final latents have NaN/inf")
         row.s_per_step = row.s_per_video / s.steps
@@ -231,15 +238,15 @@ def markdown(rows: list[LoopRow]) -> str:
         return "-" if v is None else format(v, fmt)
 
     lines = ["| model | variant | steps | s / video | s / step | vs bf16 compiled | peak GiB | "
-             "rel. error of final latents (vs) |", "|---|---|---:|---:|---:|---:|---:|---|"]
+             "rel. error of final latents (vs) | graphs (breaks) |", "|---|---|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         if r.error:
-            lines.append(f"| {r.model} | {r.variant} | {r.steps} | {e2e.cell(r.error)} | | | | |")
+            lines.append(f"| {r.model} | {r.variant} | {r.steps} | {e2e.cell(r.error)} | | | | | |")
             continue
         err = "-" if r.rel_err is None else f"{r.rel_err:.4f} ({r.ref})"
         lines.append(f"| {r.model} | {r.variant} | {r.steps} | {f(r.s_per_video, '.2f')} | {f(r.s_per_step, '.3f')} | "
                      f"{'-' if r.speedup_vs_compiled is None else f'{r.speedup_vs_compiled:.2f}x'} | "
-                     f"{f(r.peak_gib, '.2f')} | {err} |")
+                     f"{f(r.peak_gib, '.2f')} | {err} | {e2e.compile_cell(r.graphs, r.graph_breaks)} |")
     return "\n".join(lines) + "\n\n" + e2e.best_peer_markdown(rows, key="s_per_video", unit="s / video")
 
 

@@ -229,10 +229,23 @@ def gpu_tests_markdown(res: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
+def code_state() -> str:
+    """12 hex digits of a SHA-256 over the workbench package's Python sources (paths and bytes): which code measured
+    a call, also on a machine whose copy of the tree has no git history; a joined page says whether its calls
+    share one. `python -m workbench.bench.page --code-state` prints it for the tree at hand."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
 def environment() -> dict[str, Any]:
-    """GPU, versions and date of the run."""
+    """GPU, versions, date and code state (`code_state`) of the run."""
     info: dict[str, Any] = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                            "torch": torch.__version__, "python": platform.python_version()}
+                            "torch": torch.__version__, "python": platform.python_version(), "code": code_state()}
     for mod in ("triton", "diffusers", "torchao"):
         try:
             info[mod] = __import__(mod).__version__
@@ -252,7 +265,9 @@ def write_markdown(path: Path, env: dict, tgt: list[dict], micro_md: str | None,
     if parts and len(parts) > 1:
         head += (" The page joins calls on one GPU model (`--append`; `--gpus 0,1` or `python -m workbench.bench.page "
                  "A.json B.json --out PAGE.md` for calls run at once on GPUs of one host): "
-                 + "; ".join(f"{p['date']} {p['what']} ({p['wall_s'] / 60:.1f} min)" for p in parts) + ".")
+                 + "; ".join(f"{p['date']} {p['what']} ({p['wall_s'] / 60:.1f} min"
+                             + (f", code {p['code']}" if p.get("code") else "") + ")" for p in parts) + ".")
+    head += " " + code_sentence(parts or [], env)
     lines = ["# GPU benchmarks", "", head, "", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |" for t in tgt]
     lines += ["", "## GPU kernel tests", "", gpu_tests_markdown(gpu_tests)]
@@ -270,6 +285,20 @@ def write_markdown(path: Path, env: dict, tgt: list[dict], micro_md: str | None,
         lines += ["", "## Kernels", "", micro_md]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
+
+
+def code_sentence(parts: list[dict], env: dict) -> str:
+    """Whether the page's calls ran one version of the workbench sources (`code_state`), said in one sentence."""
+    codes = list(dict.fromkeys(p.get("code") for p in parts)) if parts else [env.get("code")]
+    if None in codes:
+        known = [c for c in codes if c]
+        return ("Some calls predate the code-state record" + (f" (the others ran code {', '.join(known)})" if known
+                else "") + ": the page may join several versions of the workbench sources.")
+    if len(codes) == 1:
+        return (f"{'All calls ran' if len(parts) > 1 else 'The run used'} one version of the workbench sources "
+                f"(code {codes[0]}: `python -m workbench.bench.page --code-state` prints a tree's).")
+    return (f"The calls ran {len(codes)} versions of the workbench sources (code {', '.join(codes)}): rows from "
+            "different calls may not compare.")
 
 
 def render(out: Path, data: dict[str, Any]) -> dict[str, Any]:
@@ -339,7 +368,7 @@ def run_bench(s: BenchSettings) -> dict[str, Any]:
     what = ", ".join(x for x in (None if s.skip_micro else "kernels",
                                  None if s.skip_e2e else f"end to end {s.models or 'all models'}",
                                  None if s.skip_loop else f"sampling loop {s.models or 'all models'}") if x)
-    part = {"date": env["date"], "what": what, "wall_s": 0.0}
+    part = {"date": env["date"], "what": what, "wall_s": 0.0, "code": env["code"]}
     parts = parts + [part]
     if not s.skip_micro:  # its own process: the Triton interpreter flag must precede any triton import
         with tempfile.TemporaryDirectory() as tmp:
@@ -436,10 +465,17 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="re-render a `workbench bench` page from its JSON, or join the JSONs of "
                                              "several calls on one GPU model (e.g. run at once on two GPUs of a host) "
                                              "into one page")
-    ap.add_argument("json", nargs="+", help="pages' .json files (written beside each .md), oldest first")
-    ap.add_argument("--out", required=True, help="markdown page to write (its .json is written beside it)")
+    ap.add_argument("json", nargs="*", help="pages' .json files (written beside each .md), oldest first")
+    ap.add_argument("--out", help="markdown page to write (its .json is written beside it)")
     ap.add_argument("--force", action="store_true", help="replace an existing --out that is not one of the inputs")
+    ap.add_argument("--code-state", action="store_true", help="print this tree's code state (the `code` a call records) "
+                    "and exit")
     a = ap.parse_args(argv)
+    if a.code_state:
+        print(code_state())
+        return
+    if not a.json or not a.out:
+        ap.error("pass the pages' .json files and --out PAGE.md (or --code-state)")
     srcs = [Path(j) for j in a.json]
     for src in srcs:
         if not src.exists():
