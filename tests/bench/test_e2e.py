@@ -247,6 +247,8 @@ def test_bench_flags_reach_the_settings(monkeypatch):
     s = got[0]
     assert (s.loop_variants, s.loop_steps, s.loop_budget_s, s.variant_timeout_s, s.skip_loop, s.in_process) == (
         "bf16 eager", 7, 30.0, 90.0, True, True)
+    assert s.reference_dir is None
+    assert main(["bench", "--dry-run-cpu", "--reference-dir", "refs"]) == 0 and got[-1].reference_dir == "refs"
     with pytest.raises(SystemExit):
         main(["bench", "--loop-steps", "0"])
 
@@ -455,3 +457,26 @@ def test_the_inductor_norms_ablation_leaves_diffusers_block_forwards_in_place():
             outs.append(model(**bench_e2e.inputs(case, cpu, torch.float32))[0])
     from workbench.kernels.reference import rel_error
     assert rel_error(outs[1], outs[0]) < 1e-5  # 6e-8 measured: fp32 rounding only
+
+
+def test_a_kept_reference_gives_a_later_call_its_errors_without_recomputing_it(tmp_path):
+    """`--reference-dir`: the first call keeps bf16 eager's output, a later call without bf16 eager reads it (same
+    errors, no reference run), a call with another seed does not."""
+    case = bench_e2e.cases(dry=True)[1]
+    by = bench_e2e.BY_NAME
+    kw = dict(warmup=1, min_attn_tokens=16, compile_backend="aot_eager", isolated=False,
+              reference_dir=str(tmp_path / "refs"))
+    first = bench_e2e.run_case(case, [by["bf16 eager"], by["ours W4A8"]], torch.device("cpu"), torch.float32,
+                               log=lambda m: None, **kw)
+    kept = list((tmp_path / "refs").glob("forward-*.safetensors"))
+    assert len(kept) == 1
+    logs: list[str] = []
+    later = bench_e2e.run_case(case, [by["ours W4A8"]], torch.device("cpu"), torch.float32, log=logs.append, **kw)
+    assert any("kept from an earlier call" in m for m in logs), logs
+    assert later[0].rel_err == pytest.approx(first[1].rel_err, rel=1e-6) and later[0].rel_err > 0
+    logs.clear()
+    other = bench_e2e.run_case(case, [by["ours W4A8"]], torch.device("cpu"), torch.float32, log=logs.append,
+                               seed=1, **kw)
+    assert not any("kept from" in m for m in logs) and other[0].rel_err > 0
+    assert len(list((tmp_path / "refs").glob("forward-*.safetensors"))) == 2  # the seed-1 reference is kept too
+    assert not list((tmp_path / "refs").glob("*.tmp"))

@@ -62,3 +62,21 @@ def test_loop_table_has_seconds_per_video_for_each_variant_in_its_own_process():
     assert "| model | variant | steps | s / video |" in md and md.splitlines()[2].endswith("| - |")
     assert f"| Wan (tiny) | bf16 eager | 3 | {ref.s_per_video:.2f} |" in md
     assert "| Wan (tiny) | bf16 eager |" in md.split("ours vs best peer |")[1]  # the loop's best-peer table
+
+
+def test_a_kept_loop_reference_gives_a_later_call_its_errors(tmp_path):
+    """`--reference-dir`: a loop call keeps bf16 torch.compile's final latents; a later call of the same settings
+    whose variants have no plain bf16 row compares against them."""
+    case = bench_e2e.cases(dry=True)[1]
+    by = bench_e2e.BY_NAME
+    s = bench_loop.LoopSettings(steps=2, warmup_steps=0)
+    kw = dict(min_attn_tokens=16, compile_backend="aot_eager", isolated=False, reference_dir=str(tmp_path))
+    first = bench_loop.run_loop_case(case, [by["bf16 torch.compile"], by["ours W8A8 + qattn"]], torch.device("cpu"),
+                                     torch.float32, s, log=lambda m: None, **kw)
+    assert first[1].ref == "bf16 torch.compile" and first[1].rel_err > 0
+    later = bench_loop.run_loop_case(case, [by["ours W8A8 + qattn"]], torch.device("cpu"), torch.float32, s,
+                                     log=lambda m: None, **kw)
+    assert later[0].ref == "bf16 torch.compile" and later[0].rel_err == pytest.approx(first[1].rel_err, rel=1e-6)
+    alone = bench_loop.run_loop_case(case, [by["ours W8A8 + qattn"]], torch.device("cpu"), torch.float32,
+                                     bench_loop.LoopSettings(steps=3, warmup_steps=0), log=lambda m: None, **kw)
+    assert alone[0].rel_err is None and alone[0].ref is None  # 3 steps: no kept reference of those settings

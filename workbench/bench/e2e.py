@@ -500,13 +500,14 @@ def run_case(case: ModelCase, variants: list[Variant], device: torch.device, dty
              warmup: int = 2, budget_s: float | None = None, log: Callable[[str], None] = print,
              min_attn_tokens: int = 1024, on_row: Callable[[list[Row]], None] | None = None,
              compile_backend: str = "inductor", isolated: bool = True, timeout_s: float = 600.0,
-             seed: int = 0) -> list[Row]:
+             seed: int = 0, reference_dir: str | None = None) -> list[Row]:
     """Time every variant on one case, each in its own process (isolated=False: all in this one).
 
     A variant that fails, crashes, runs past timeout_s or would start after budget_s becomes an error row; a
     peer whose package is missing a skip row. Every row's rel. error is against bf16 eager's output (computed
-    once, untimed, when bf16 eager is not among the variants). `on_row(rows)` is called after every variant
-    with the rows so far, so a caller can save a run that a time limit cuts short in the middle of a model.
+    once, untimed, when bf16 eager is not among the variants, unless `reference_dir` keeps it from an earlier
+    call). `on_row(rows)` is called after every variant with the rows so far, so a caller can save a run that a
+    time limit cuts short in the middle of a model.
     """
     t_start = time.time()
     common = dict(warmup=warmup, min_attn_tokens=min_attn_tokens, compile_backend=compile_backend, seed=seed)
@@ -528,6 +529,7 @@ def run_case(case: ModelCase, variants: list[Variant], device: torch.device, dty
             return row, None if out is None else isolate.save_tensor(out, path)
 
         errors = isolate.ErrorsAgainst(REFERENCE)
+        kept = isolate.ReferenceStore(reference_dir, "forward", case.name, seed, dtype, device)
         need_ref = all(v.name != REFERENCE for v in variants)
         for i, v in enumerate(variants):
             row = Row(case.name, v.name)
@@ -539,11 +541,18 @@ def run_case(case: ModelCase, variants: list[Variant], device: torch.device, dty
             else:
                 if need_ref:  # before the first variant that runs
                     need_ref = False
-                    ref_row, ref_path = run(Variant(REFERENCE), "reference", timed=False)
-                    if ref_path is None:
-                        log(f"  {REFERENCE} (the reference of the errors) failed: {ref_row.error}")
+                    ref_path = kept.get()
+                    if ref_path is not None:
+                        log(f"  {REFERENCE} (the reference of the errors): kept from an earlier call, {ref_path}")
+                    else:
+                        ref_row, ref_path = run(Variant(REFERENCE), "reference", timed=False)
+                        if ref_path is None:
+                            log(f"  {REFERENCE} (the reference of the errors) failed: {ref_row.error}")
+                        kept.put(ref_path)
                     errors.add(REFERENCE, ref_path)
                 row, path = run(v, f"variant{i:02d}", timed=True)
+                if v.name == REFERENCE:
+                    kept.put(path)
                 for name, err in errors.add(v.name, path).items():
                     for r in rows + [row]:
                         if r.variant == name:
@@ -690,7 +699,7 @@ def main(argv: list[str] | None = None, on_row: Callable[[list[Row]], None] | No
         done = list(rows)
         rows += run_case(case, variants, device, dtype, budget_s=a.budget, min_attn_tokens=16 if dry else 1024,
                          compile_backend="aot_eager" if dry else "inductor", isolated=not a.in_process,
-                         timeout_s=timeout,
+                         timeout_s=timeout, reference_dir=a.reference_dir,
                          on_row=None if on_row is None else (lambda part, done=done: on_row(done + part)))
     md = markdown(rows) + "\n\n" + best_peer_markdown(rows)
     print(md)

@@ -125,6 +125,9 @@ def add_run_args(p: "argparse.ArgumentParser", out_name: str) -> None:
                    help="seconds one variant's worker may take before it is killed (default 600; 300 in a dry run)")
     p.add_argument("--in-process", action="store_true",
                    help="run every variant in this process (no isolation: one crash ends the run)")
+    p.add_argument("--reference-dir", default=None,
+                   help="folder that keeps the reference variant's output between calls of one machine, so a call "
+                        "without the reference among its variants still gets errors without recomputing it")
     p.add_argument("--out", default=os.environ.get("OUT"), help=f"folder for {out_name}.{{md,json}}")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one variant, from a spec file
 
@@ -158,6 +161,43 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """Relative Frobenius error of out against ref, in float64."""
     o, r = out.double(), ref.double()
     return float((o - r).norm() / r.norm().clamp_min(1e-30))
+
+
+class ReferenceStore:
+    """Reference outputs kept between calls (`--reference-dir`), keyed by everything that decides them: the table,
+    case, seed, dtype, GPU, torch/diffusers versions and the workbench sources. A call whose variants lack the
+    reference reads it here instead of recomputing it; `folder=None` keeps nothing (every call computes its own)."""
+
+    def __init__(self, folder: str | Path | None, table: str, case: str, seed: int, dtype: torch.dtype,
+                 device: torch.device, **extra: Any) -> None:
+        self.folder = None if folder is None else Path(folder)
+        if self.folder is None:
+            self.path = None
+            return
+        import hashlib
+
+        import diffusers
+
+        from workbench.bench.page import code_state
+
+        gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        key = json.dumps(dict(table=table, case=case, seed=seed, dtype=str(dtype), gpu=gpu, torch=torch.__version__,
+                              diffusers=diffusers.__version__, code=code_state(), **extra), sort_keys=True)
+        self.path = self.folder / f"{table}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+
+    def get(self) -> str | None:
+        """The kept reference output's path, None when there is none (or no folder)."""
+        return str(self.path) if self.path is not None and self.path.exists() else None
+
+    def put(self, path: str | None) -> None:
+        """Keep a reference output (written to a temporary name, then renamed: two calls at once cannot leave a
+        half file)."""
+        if self.path is None or path is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(Path(path).read_bytes())
+        tmp.replace(self.path)
 
 
 class ErrorsAgainst:

@@ -81,6 +81,9 @@ def default_variants(best_peer: str | None = None) -> list[Variant]:
     return [e2e.BY_NAME[n] for n in dict.fromkeys(n for n in names if n)]
 
 
+KEPT_REFERENCE = "bf16 torch.compile"  # the loop reference `--reference-dir` keeps between calls
+
+
 def reference_of(variants: list[Variant]) -> str | None:
     """The variant whose final latents the others are compared with: the first plain bf16 one (no quantized
     linears, no attention swap), None when the list has none."""
@@ -184,19 +187,28 @@ def run_loop_case(case: ModelCase, variants: list[Variant], device: torch.device
                   settings: LoopSettings | None = None, budget_s: float | None = None,
                   log: Callable[[str], None] = print, on_row: Callable[[list[LoopRow]], None] | None = None,
                   min_attn_tokens: int = 1024, compile_backend: str = "inductor", isolated: bool = True,
-                  timeout_s: float = 600.0) -> list[LoopRow]:
+                  timeout_s: float = 600.0, reference_dir: str | None = None) -> list[LoopRow]:
     """Time one sampled video per variant, each in its own process (isolated=False: all in this one).
 
     A variant that fails, crashes, runs past timeout_s or would start after budget_s becomes an error row, a
     missing peer package a skip row; `on_row(rows)` after every variant. Final latents are compared with the
-    reference variant's (`reference_of`).
+    reference variant's (`reference_of`); a list without one uses bf16 torch.compile's when `reference_dir` keeps
+    it from an earlier call.
     """
     s = settings or LoopSettings()
     t_start = time.time()
     ref = reference_of(variants)
+    kept = isolate.ReferenceStore(reference_dir, "loop", case.name, s.seed, dtype, device, steps=s.steps,
+                                  guidance=s.guidance, warmup_steps=s.warmup_steps, min_attn_tokens=min_attn_tokens,
+                                  variant=KEPT_REFERENCE)
     rows: list[LoopRow] = []
     with tempfile.TemporaryDirectory(prefix="workbench-loop-") as tmp:
+        if ref is None and kept.get() is not None:
+            ref = KEPT_REFERENCE
+            log(f"  {ref} (the reference of the errors): kept from an earlier call, {kept.get()}")
         errors = isolate.ErrorsAgainst(ref)
+        if ref == KEPT_REFERENCE and all(v.name != ref for v in variants):
+            errors.add(ref, kept.get())
         for i, v in enumerate(variants):
             row, path = LoopRow(case.name, v.name, steps=s.steps), None
             skip = e2e.skip_reason(v, device)
@@ -219,6 +231,8 @@ def run_loop_case(case: ModelCase, variants: list[Variant], device: torch.device
             else:
                 row, out = measure_loop(case, v, device, dtype, s, min_attn_tokens, compile_backend, log)
                 path = None if out is None else isolate.save_tensor(out, Path(tmp) / f"loop{i:02d}.safetensors")
+            if v.name == KEPT_REFERENCE:
+                kept.put(path)
             for name, err in errors.add(v.name, path).items():
                 for r in rows + [row]:
                     if r.variant == name:
@@ -284,6 +298,7 @@ def main(argv: list[str] | None = None, on_row: Callable[[list[LoopRow]], None] 
         rows += run_loop_case(case, variants, device, dtype, settings, budget_s=a.budget,
                               min_attn_tokens=16 if dry else 1024, compile_backend="aot_eager" if dry else "inductor",
                               isolated=not a.in_process, timeout_s=a.variant_timeout or (300.0 if dry else 600.0),
+                              reference_dir=a.reference_dir,
                               on_row=None if on_row is None else (lambda part, done=done: on_row(done + part)))
     md = markdown(rows)
     print(md)

@@ -51,6 +51,7 @@ class BenchSettings:
     append: bool = False  # extend an earlier run's page (same GPU) instead of replacing it
     gpu_tests_timeout_s: float = 480.0  # the GPU kernel test module runs with the kernel part (not with --skip-micro)
     gpus: str | None = None  # "0,1" / "all": the kernel part and each model's tables at once on these GPUs (parallel.py)
+    reference_dir: str | None = None  # keeps the error references between calls of one machine (isolate.ReferenceStore)
 
 
 def merge_e2e(old: list[dict], new: list[dict], measured: str = "ms") -> list[dict]:
@@ -402,7 +403,8 @@ def run_bench(s: BenchSettings) -> dict[str, Any]:
     result = write()
     wanted = wanted_models(s)
     common = (["--dry-run-cpu"] if s.dry_run_cpu else []) + (["--in-process"] if s.in_process else []) + \
-             (["--variant-timeout", str(s.variant_timeout_s)] if s.variant_timeout_s else []) + ["--out", ""]
+             (["--variant-timeout", str(s.variant_timeout_s)] if s.variant_timeout_s else []) + \
+             (["--reference-dir", s.reference_dir] if s.reference_dir else []) + ["--out", ""]
     if not s.skip_e2e:
         for name in wanted:
             argv = common + ["--models", name] + (["--variants", s.e2e_variants] if s.e2e_variants else []) + \

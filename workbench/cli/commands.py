@@ -168,7 +168,7 @@ def cmd_bench(args) -> int:
                       loop_steps=args.loop_steps, loop_budget_s=args.loop_budget, variant_timeout_s=args.variant_timeout,
                       in_process=args.in_process, skip_micro=args.skip_micro, skip_e2e=args.skip_e2e,
                       skip_loop=args.skip_loop, dry_run_cpu=args.dry_run_cpu, force=args.force, append=args.append,
-                      gpu_tests_timeout_s=args.gpu_tests_timeout, gpus=args.gpus)
+                      gpu_tests_timeout_s=args.gpu_tests_timeout, gpus=args.gpus, reference_dir=args.reference_dir)
     result = run_bench(s)
     for t in result["targets"]:
         print(f"[{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['measured']}")
@@ -329,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", default=None,
                    help="run the kernel part and each model's tables at once on these GPUs of this host (e.g. 0,1 or "
                         "all; every row of a model on one GPU) and join their pages")
+    p.add_argument("--reference-dir", default=None,
+                   help="keep the error references (bf16 eager's forward, bf16 torch.compile's sampled latents) in "
+                        "this folder between calls on one machine: a call without them among its variants reads "
+                        "them instead of recomputing them")
     p.add_argument("--skip-micro", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--skip-loop", action="store_true", help="no sampling-loop table")
