@@ -26,7 +26,8 @@ from workbench.io.packed import (
 from workbench.quant import QuantConfig, QuantFormat, QuantSpec, at_timestep, calibrate_model, quantize_model
 from workbench.io.export import export_model
 from workbench.io.manifest import write_manifest
-from workbench.kernels import Backend, W4A8Linear, W8A8Linear
+from workbench.kernels import Backend, W4A8Linear, W8A8Linear, fused_blocks, ops
+from workbench.kernels.reference import rel_error
 from workbench.quant.compensation import LoRABranch
 
 DYN8 = QuantSpec("int8", "token", dynamic=True)
@@ -343,10 +344,12 @@ def test_bundled_w8a8_round_trip(bundled, tmp_path):
     r = load_packed(tmp_path, backend="reference")
     assert type(r).__name__ == "WanTransformer3DModel"
     assert type(r.blocks[0].attn1.processor).__name__ == "QuantAttnProcessor"
+    assert r.fused_blocks == 0 and not any(_fused(b) for b in r.blocks)  # quantized attention: diffusers' forward
     assert all(isinstance(r.get_submodule(n), W8A8Linear) and r.get_submodule(n).backend is Backend.REFERENCE
                for n in layers)
     assert weights_exact(r, q, layers)
     fake = load_packed(tmp_path, fake_quant=True, verify=False)
+    assert fake.fused_blocks == 0
     g = torch.Generator().manual_seed(0)
     args = (torch.randn(1, bundled.transformer.config.in_channels, 8, 32, 32, generator=g), torch.tensor([500.0]),
             torch.randn(1, 8, 64, generator=g))
@@ -364,6 +367,7 @@ def test_bundled_w4a8_bytes_and_videos(bundled, tmp_path):
     ref = load_packed(tmp_path, backend="reference")
     fake = load_packed(tmp_path, fake_quant=True, verify=False)
     assert weights_exact(ref, q, layers) and weights_exact(fake, q, layers)
+    assert ref.fused_blocks == len(ref.blocks) and fake.fused_blocks == 0  # the comparison below runs fused
 
     # the fake-quant reload computes exactly what the in-memory model computes: same videos
     videos = [bundled.generate(PROMPT, [3], GenerationSettings(steps=2), transformer=t) for t in (q, fake)]
@@ -411,3 +415,82 @@ def test_bundled_attention_kernel_plan_round_trip(bundled, tmp_path):
         assert ops.CALLS["quant_attention"] - calls == 33   # r, fake and q once each; none switched off
         ref = bundled.transformer(*args, return_dict=False)[0]
         assert 0 < float((out - ref).norm() / ref.norm()) < 0.2
+
+
+# ---- fused block forwards (kernels/fused_blocks.py) on load -----------------------------------------
+
+
+def _fused(block: nn.Module) -> bool:
+    return "forward" in block.__dict__ or hasattr(block, fused_blocks.FUSED_ATTR)
+
+
+def _fused_vs_plain(fused: nn.Module, plain: nn.Module, blocks: str, *args, **kwargs) -> tuple[list[float], float, int]:
+    """(each fused block's rel. error vs the plain one on the plain model's input to that block, the whole
+    model's rel. error, `residual_norm_quant` calls of the fused forward)."""
+    inputs: list = []
+    hooks = [b.register_forward_pre_hook(lambda m, a, k: inputs.append((a, k)), with_kwargs=True)
+             for b in getattr(plain, blocks)]
+    with torch.no_grad():
+        start = ops.CALLS["residual_norm_quant"]
+        out = fused(*args, **kwargs)[0]
+        calls = ops.CALLS["residual_norm_quant"] - start
+        want = plain(*args, **kwargs)[0]
+        for h in hooks:
+            h.remove()
+        errs = []
+        for f, p, (a, k) in zip(getattr(fused, blocks), getattr(plain, blocks), inputs):
+            fo, po = f(*a, **k), p(*a, **k)
+            fo, po = (fo[0], po[0]) if isinstance(fo, tuple) else (fo, po)
+            errs.append(rel_error(fo, po))
+    return errs, rel_error(out, want), calls
+
+
+def test_bundled_load_fuses_block_norms(bundled, tmp_path):
+    """W8A8 without quantized attention: every Wan block gets the fused residual + LayerNorm + AdaLN +
+    quantization forward (three `residual_norm_quant` calls a block); fuse_blocks=False and fake_quant keep
+    diffusers' forward.
+
+    Not bit-identical in fp32: the reference producer computes LayerNorm as mean / rsqrt in fp32 and applies
+    norm2's affine after it, diffusers' F.layer_norm in one kernel, so per-token scales differ in the last ulp
+    (a block's output by ~1e-7) and now and then an int8 code sitting on a rounding boundary flips (~5e-4 of
+    that block's output). Through six blocks of re-quantization the flips compound to ~0.8% of the output,
+    as much as the kernels already differ from the in-memory fake-quant model. (bf16 Wan: usually bit-identical,
+    tests/kernels/test_fused_blocks.py.)"""
+    _export_bundled(bundled, 8, tmp_path)
+    fused = load_packed(tmp_path, backend="reference")
+    plain = load_packed(tmp_path, backend="reference", fuse_blocks=False, verify=False)
+    n = len(fused.blocks)
+    assert fused.fused_blocks == n == 6
+    assert all(b.forward.__func__ is fused_blocks._wan_forward and getattr(b, fused_blocks.FUSED_ATTR) is False
+               for b in fused.blocks)  # int8 codes
+    assert plain.fused_blocks == 0 and not any(_fused(b) for b in plain.blocks)
+    assert all(b.forward.__func__ is type(b).forward for b in plain.blocks)
+    assert load_packed(tmp_path, fake_quant=True, verify=False).fused_blocks == 0
+
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(1, bundled.transformer.config.in_channels, 8, 32, 32, generator=g), torch.tensor([500.0]),
+            torch.randn(1, 8, 64, generator=g))
+    errs, model_err, calls = _fused_vs_plain(fused, plain, "blocks", *args, return_dict=False)
+    assert calls == 3 * n
+    assert max(errs) < 1e-3 and sorted(errs)[n // 2] < 1e-6, errs  # ulp-level but for a flipped code
+    assert model_err < 0.02, model_err
+
+
+def test_cogvideox_load_fuses_block_norms(tmp_path):
+    """A tiny CogVideoX (the bench's dry-run case, fp32) exported W8A8 reloads with fused blocks (two
+    `residual_norm_quant` calls a block) that agree with diffusers' forward to fp32 rounding (see above)."""
+    from workbench.bench import e2e
+
+    case = next(c for c in e2e.cases(dry=True) if c.cls == "CogVideoXTransformer3DModel")
+    q = e2e.build(case, torch.device("cpu"), torch.float32)
+    quantize_model(q, QuantConfig.wxay(8, 8))
+    export_model(q, tmp_path)
+    fused = load_packed(tmp_path, backend="reference")
+    plain = load_packed(tmp_path, backend="reference", fuse_blocks=False, verify=False)
+    n = case.config["num_layers"]
+    assert fused.fused_blocks == n and plain.fused_blocks == 0
+    assert all(_fused(b) for b in fused.transformer_blocks) and not any(_fused(b) for b in plain.transformer_blocks)
+    errs, model_err, calls = _fused_vs_plain(fused, plain, "transformer_blocks",
+                                             **e2e.inputs(case, torch.device("cpu"), torch.float32))
+    assert calls == 2 * n
+    assert max(errs) < 1e-3 and model_err < 1e-3, (errs, model_err)

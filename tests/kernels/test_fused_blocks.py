@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from workbench.bench import e2e
-from workbench.kernels import dispatch, fused_blocks, ops
+from workbench.kernels import Backend, dispatch, fused_blocks, ops
 from workbench.kernels.reference import rel_error
 
 CPU = torch.device("cpu")
@@ -147,3 +147,24 @@ def test_a_block_missing_an_attribute_the_fused_forward_uses_keeps_its_own(tiny)
     del q.blocks[0].scale_shift_table
     assert fused_blocks.fuse_block_norms(q) == case.config["num_layers"] - 1
     assert not hasattr(q.blocks[0], fused_blocks.FUSED_ATTR)
+
+
+@pytest.mark.parametrize("name", ["CogVideoX", "Wan"])
+def test_fused_producer_runs_on_the_linears_backend(tiny, name, monkeypatch):
+    """The fused producer follows its block's kernel linears (read at call time): the reference math for a model
+    loaded with backend="reference" on a GPU, and `set_backend` moves it along with them."""
+    model, inputs, _ = tiny[name]
+    q = _quantized(model, "w8a8")
+    seen = []
+    real = ops.use_triton
+
+    def spy(op, kind, device, backend="auto"):  # noqa: ANN001, ANN202
+        seen.append((op, Backend.parse(backend).value))
+        return real(op, kind, device, backend)
+
+    monkeypatch.setattr(ops, "use_triton", spy)
+    for backend in ("reference", "auto"):
+        seen.clear()
+        dispatch.set_backend(q, backend)
+        _, calls = _run(q, inputs)
+        assert calls > 0 and {b for op, b in seen if op == "ops.residual_norm_quant"} == {backend}

@@ -66,6 +66,12 @@ def _codes(out: list[torch.Tensor], lead: tuple[int, ...]) -> QuantizedActivatio
     return QuantizedActivation(q.reshape(-1, q.shape[-1]), s.reshape(-1), lead)
 
 
+def _backend(attn: nn.Module) -> str:
+    """The backend of the block's kernel linears (read at call time, so `set_backend` applies): the fused producer
+    runs where they run, e.g. the reference math for a model loaded with backend="reference" on a GPU."""
+    return _qkv_linears(attn, True)[0].backend.value
+
+
 def _norm_args(norm: nn.Module) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], float, bool]:
     """(weight, bias, eps, normalize) of a LayerNorm, or of an Identity (no normalization)."""
     if isinstance(norm, nn.Identity):
@@ -83,20 +89,20 @@ def _wan_forward(self: nn.Module, hidden_states: torch.Tensor, encoder_hidden_st
     else:
         mods = list((self.scale_shift_table + temb.float()).chunk(6, dim=1))
     shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = mods
-    op, fp8 = torch.ops.workbench.residual_norm_quant, getattr(self, FUSED_ATTR)
+    op, fp8, backend = torch.ops.workbench.residual_norm_quant, getattr(self, FUSED_ATTR), _backend(self.attn1)
     lead = tuple(hidden_states.shape[:-1])
 
     w, b, eps, norm = _norm_args(self.norm1)
-    out = op([hidden_states], None, [], w, b, eps, [scale_msa], [shift_msa], norm, fp8)
+    out = op([hidden_states], None, [], w, b, eps, [scale_msa], [shift_msa], norm, fp8, backend)
     attn_output = self.attn1(_codes(out, lead), None, None, rotary_emb)
 
     w, b, eps, norm = _norm_args(self.norm2)
-    out = op([hidden_states], attn_output, [gate_msa], w, b, eps, [], [], norm, fp8)
+    out = op([hidden_states], attn_output, [gate_msa], w, b, eps, [], [], norm, fp8, backend)
     hidden_states = out[2]
     attn_output = self.attn2(_codes(out, lead), encoder_hidden_states, None, None)
 
     w, b, eps, norm = _norm_args(self.norm3)
-    out = op([hidden_states], attn_output, [], w, b, eps, [c_scale_msa], [c_shift_msa], norm, fp8)
+    out = op([hidden_states], attn_output, [], w, b, eps, [c_scale_msa], [c_shift_msa], norm, fp8, backend)
     hidden_states = out[2]
     ff_output = self.ffn(_codes(out, lead))
     return (hidden_states.float() + ff_output.float() * c_gate_msa).type_as(hidden_states)
@@ -146,7 +152,7 @@ def _cog_forward(self: nn.Module, hidden_states: torch.Tensor, encoder_hidden_st
     if attention_kwargs:  # extra processor arguments: diffusers' own path
         return type(self).forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb,
                                   attention_kwargs)
-    op, fp8 = torch.ops.workbench.residual_norm_quant, getattr(self, FUSED_ATTR)
+    op, fp8, backend = torch.ops.workbench.residual_norm_quant, getattr(self, FUSED_ATTR), _backend(self.attn1)
     text_len = encoder_hidden_states.size(1)
     lead = (hidden_states.shape[0], text_len + hidden_states.shape[1])
 
@@ -154,14 +160,14 @@ def _cog_forward(self: nn.Module, hidden_states: torch.Tensor, encoder_hidden_st
     shift, scale, gate, enc_shift, enc_scale, enc_gate = n1.linear(n1.silu(temb))[:, None].chunk(6, dim=2)
     w, b, eps, norm = _norm_args(n1.norm)
     out = op([encoder_hidden_states, hidden_states], None, [], w, b, eps, [enc_scale, scale], [enc_shift, shift],
-             norm, fp8)
+             norm, fp8, backend)
     attn_output = _cog_attention(self.attn1, _codes(out, lead), text_len, image_rotary_emb)
 
     n2 = self.norm2
     shift, scale, gate_ff, enc_shift, enc_scale, enc_gate_ff = n2.linear(n2.silu(temb))[:, None].chunk(6, dim=2)
     w, b, eps, norm = _norm_args(n2.norm)
     out = op([encoder_hidden_states, hidden_states], attn_output, [enc_gate, gate], w, b, eps, [enc_scale, scale],
-             [enc_shift, shift], norm, fp8)
+             [enc_shift, shift], norm, fp8, backend)
     encoder_hidden_states, hidden_states = out[2], out[3]
     ff_output = self.ff(_codes(out, lead))
     hidden_states = hidden_states + gate_ff * ff_output[:, text_len:]
@@ -204,7 +210,8 @@ def _block_kinds() -> list[tuple[type, Any, Any, list[str]]]:
 def fuse_block_norms(model: nn.Module) -> int:
     """Swap the forward of every Wan / CogVideoX block of `model` whose quantized linears allow it for the fused one
     (same math, see the module docstring); returns how many blocks were swapped. Call after the linears are kernel
-    linears and before torch.compile. `unfuse_block_norms` restores diffusers' forwards."""
+    linears and before torch.compile (`load_packed` calls it on the model it rebuilds). `unfuse_block_norms` restores
+    diffusers' forwards."""
     n = 0
     kinds = _block_kinds()
     for module in model.modules():
