@@ -202,13 +202,13 @@ def run_loop_case(case: ModelCase, variants: list[Variant], device: torch.device
                                   guidance=s.guidance, warmup_steps=s.warmup_steps, min_attn_tokens=min_attn_tokens,
                                   variant=KEPT_REFERENCE)
     rows: list[LoopRow] = []
+    kept_path = None if ref else kept.get()
+    if kept_path:
+        ref = KEPT_REFERENCE
+        log(f"  {ref} (the reference of the errors): kept from an earlier call, {kept_path}")
     with tempfile.TemporaryDirectory(prefix="workbench-loop-") as tmp:
-        if ref is None and kept.get() is not None:
-            ref = KEPT_REFERENCE
-            log(f"  {ref} (the reference of the errors): kept from an earlier call, {kept.get()}")
         errors = isolate.ErrorsAgainst(ref)
-        if ref == KEPT_REFERENCE and all(v.name != ref for v in variants):
-            errors.add(ref, kept.get())
+        errors.add(ref, kept_path)  # nothing when no reference was kept
         for i, v in enumerate(variants):
             row, path = LoopRow(case.name, v.name, steps=s.steps), None
             skip = e2e.skip_reason(v, device)
