@@ -7,7 +7,8 @@ elements). `fuse_block_norms` swaps in forwards with the same math that call `wo
 instead (one read of the residual and the branch output, one write of the new residual and the codes) and hand
 the codes to the kernel linears as a `QuantizedActivation`. The attention output projections read their input
 with the one-pass row kernel. A block whose linears are not all kernel linears of one activation format, or whose
-attention processor is not diffusers' own, keeps its forward.
+attention processor is not diffusers' own, keeps its forward; Wan's fused forward calls its attention modules, so
+diffusers' processor wrapped by a `QuantAttnProcessor` (quantized attention) qualifies there too.
 """
 from __future__ import annotations
 
@@ -108,14 +109,22 @@ def _wan_forward(self: nn.Module, hidden_states: torch.Tensor, encoder_hidden_st
     return (hidden_states.float() + ff_output.float() * c_gate_msa).type_as(hidden_states)
 
 
+def _through_quant_wrapper(processor: Any) -> Any:
+    """The processor a `QuantAttnProcessor` wraps (it calls it unchanged, with its attention call routed through
+    the quantized attention), else `processor`: a fused forward that calls the attention module keeps that routing."""
+    from workbench.quant.attention import QuantAttnProcessor
+
+    return processor.inner if isinstance(processor, QuantAttnProcessor) else processor
+
+
 def _wan_format(block: nn.Module) -> Optional[bool]:
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
     if not _has(block, "scale_shift_table", "norm1", "norm2", "norm3", "attn1.processor", "attn2.processor", "ffn.net",
                 "attn1.to_out", "attn2.to_out"):
         return None
-    for attn in (block.attn1, block.attn2):
-        if type(attn.processor) is not WanAttnProcessor:
+    for attn in (block.attn1, block.attn2):  # the fused forward calls attn1 / attn2, so their processors still run
+        if type(_through_quant_wrapper(attn.processor)) is not WanAttnProcessor:
             return None
     return code_format(_qkv_linears(block.attn1, True) + _qkv_linears(block.attn2, False) +
                        [_ff_input_linear(block.ffn)])
@@ -182,8 +191,8 @@ def _cog_format(block: nn.Module) -> Optional[bool]:
     if not _has(block, "norm1.linear", "norm1.silu", "norm1.norm", "norm2.linear", "norm2.silu", "norm2.norm",
                 "attn1.processor", "attn1.heads", "attn1.norm_q", "attn1.norm_k", "attn1.to_out", "ff.net"):
         return None
-    if type(block.attn1.processor) is not CogVideoXAttnProcessor2_0:
-        return None
+    if type(block.attn1.processor) is not CogVideoXAttnProcessor2_0:  # the fused forward inlines this processor's
+        return None                                                   # attention: a wrapped one keeps its own
     if not (isinstance(block.norm1, CogVideoXLayerNormZero) and isinstance(block.norm2, CogVideoXLayerNormZero)):
         return None
     return code_format(_qkv_linears(block.attn1, True) + [_ff_input_linear(block.ff)])
